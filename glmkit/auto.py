@@ -1,0 +1,108 @@
+"""model_type -> family classes, and the Auto* entry points that dispatch on config.json."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from .config import ConfigError, PretrainedConfig, read_config_dict
+from .hub import resolve_checkpoint_dir
+
+# model_type -> (module, config class, {task: class name})
+REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
+    "glm": (
+        "glmkit.models.glm",
+        "GlmConfig",
+        {
+            "base": "GlmModel",
+            "causal-lm": "GlmForCausalLM",
+            "sequence-classification": "GlmForSequenceClassification",
+            "token-classification": "GlmForTokenClassification",
+        },
+    ),
+    "xglm": ("glmkit.models.xglm", "XGLMConfig", {"base": "XGLMModel", "causal-lm": "XGLMForCausalLM"}),
+    "persimmon": (
+        "glmkit.models.persimmon",
+        "PersimmonConfig",
+        {
+            "base": "PersimmonModel",
+            "causal-lm": "PersimmonForCausalLM",
+            "sequence-classification": "PersimmonForSequenceClassification",
+            "token-classification": "PersimmonForTokenClassification",
+        },
+    ),
+}
+
+
+def _family(model_type: Any) -> tuple[Any, dict[str, str]]:
+    if model_type not in REGISTRY:
+        raise ConfigError(f"unknown model_type {model_type!r}; glmkit supports: {', '.join(sorted(REGISTRY))}")
+    module_name, config_name, tasks = REGISTRY[model_type]
+    module = importlib.import_module(module_name)
+    return module, {"config": config_name, **tasks}
+
+
+def _config_for(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> tuple[str, dict[str, Any]]:
+    data = read_config_dict(resolve_checkpoint_dir(name_or_path, **hub_kwargs))
+    if "model_type" not in data:
+        raise ConfigError(f"config.json in {name_or_path} has no model_type; cannot pick a model family")
+    return data["model_type"], data
+
+
+class AutoConfig:
+    """`AutoConfig.from_pretrained(path)` reads config.json and builds the family's config class."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+        hub = {k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+        model_type, data = _config_for(name_or_path, **hub)
+        module, names = _family(model_type)
+        return getattr(module, names["config"]).from_dict(data, **kwargs)
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs: Any) -> PretrainedConfig:
+        module, names = _family(model_type)
+        return getattr(module, names["config"])(**kwargs)
+
+
+class _AutoModel:
+    task: str = "base"
+
+    @classmethod
+    def _class_for(cls, model_type: str) -> type:
+        module, names = _family(model_type)
+        if cls.task not in names:
+            raise ConfigError(f"model_type {model_type!r} has no {cls.task} model in glmkit")
+        return getattr(module, names[cls.task])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
+        """Pick the family from config.json's model_type and load with that class's from_pretrained."""
+        config = kwargs.get("config")
+        if config is None:
+            hub = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+            model_type, _ = _config_for(name_or_path, **hub)
+        else:
+            model_type = config.model_type
+        return cls._class_for(model_type).from_pretrained(name_or_path, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, **kwargs: Any):
+        return cls._class_for(config.model_type).from_config(config, **kwargs)
+
+
+class AutoModel(_AutoModel):
+    task = "base"
+
+
+class AutoModelForCausalLM(_AutoModel):
+    task = "causal-lm"
+
+
+class AutoModelForSequenceClassification(_AutoModel):
+    task = "sequence-classification"
+
+
+class AutoModelForTokenClassification(_AutoModel):
+    task = "token-classification"

@@ -1,0 +1,201 @@
+"""Finding, reading and writing weights in the Hugging Face layout.
+
+safetensors first (single file or sharded with model.safetensors.index.json, read lazily from a
+memory map); `.bin` only through `torch.load(weights_only=True)`, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """Weights are missing, unexpected, the wrong shape, or the files are unreadable."""
+
+
+class WeightReader:
+    """Name -> tensor access over a checkpoint's weight files, opening each file once."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files = find_weight_files(self.directory)
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        for path in self.files:
+            for name in self._open(path).keys():
+                self._where[name] = path
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                if path.suffix == ".safetensors":
+                    self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+                else:
+                    self._handles[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # corrupt or foreign file: say which
+                raise CheckpointError(f"cannot read weights from {path}: {err}") from err
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._where[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        handle = self._open(self._where[name])
+        if isinstance(handle, dict):
+            return handle[name].dtype
+        return _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._open(self._where[name])
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def floating_dtype(self) -> torch.dtype | None:
+        """dtype of the first floating-point tensor: what `dtype="auto"` falls back to."""
+        for name in self._where:
+            dtype = self.dtype(name)
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
+
+def find_weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint, preferring safetensors; raise naming what was looked for."""
+    for index_name, single_name in ((SAFE_INDEX, SAFE_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
+        if (directory / single_name).is_file():
+            return [directory / single_name]
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a valid weight index: {err}") from err
+            files = sorted({directory / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+            return files
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config_dtype: str | None, reader: WeightReader | None) -> torch.dtype:
+    """None -> float32 (the reference's default); "auto" -> config's torch_dtype, else the weights'."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if config_dtype is not None and config_dtype in DTYPES:
+            return DTYPES[config_dtype]
+        found = reader.floating_dtype() if reader is not None else None
+        return found or torch.float32
+    try:
+        return DTYPES[dtype.removeprefix("torch.")]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown dtype {dtype!r}; use 'auto', {', '.join(sorted(DTYPES))} or a torch.dtype") from None
+
+
+def infer_device() -> torch.device:
+    """The best device here: CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(device_map: str | int | torch.device | dict | None) -> torch.device:
+    """glmkit keeps a model on one device: "auto", "cpu", "cuda", "cuda:1", an index, or {"": device}."""
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                "glmkit places the whole model on one device; a per-module device_map is not supported "
+                f"(got keys {sorted(device_map)[:4]}…). Pass a single device."
+            )
+        device_map = device_map[""]
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return infer_device()
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device_map {device_map!r}") from None
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '2GiB' / bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", size.upper().replace("IB", "iB"))
+    if not match:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. '5GB', '500MB' or a byte count")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit or "_"))
+
+
+def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write model.safetensors, or numbered shards plus model.safetensors.index.json past the limit."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("model*.safetensors"), directory / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
+    shards = list(_shards(tensors, parse_size(max_shard_size)))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

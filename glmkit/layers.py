@@ -1,0 +1,226 @@
+"""Shared primitives: norms, activations, rotary embeddings, attention core and masks.
+
+Blocks (residual order, which norm goes where) stay in each family's file; only the pieces that are
+truly the same math live here, each with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as the reference does (it matters in bf16)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # written out the way the reference does, which is not bit-identical to F.gelu(approximate="tanh")
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "relu2": _relu2,
+    "relu6": F.relu6,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Activation by the name config.json uses; unknown names are an error, not a silent default."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+# ---- rotary position embedding --------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE over the first `dim` channels of each head.
+
+    `scaling` is None or the config's rope_scaling dict ("linear" divides frequencies by the factor,
+    "dynamic" raises the base once positions pass `max_position_embeddings` and keeps the largest base
+    seen, as the reference does). Holds no weights, so nothing of it is ever saved.
+    """
+
+    def __init__(self, dim: int, base: float, max_position_embeddings: int, scaling: dict | None = None):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {dim}")
+        self.dim, self.base, self.max_positions = dim, base, max_position_embeddings
+        self.scaling_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        self.factor = float((scaling or {}).get("factor", 1.0))
+        self.cached_len = max_position_embeddings  # dynamic: longest length its base was raised for
+
+    def inv_freq(self, device: torch.device, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / self.dim
+        base = self.base
+        if seq_len is not None:  # dynamic NTK: computed in float32 tensors, as the reference does
+            base = base * ((self.factor * seq_len / self.max_positions) - (self.factor - 1)) ** (
+                self.dim / (self.dim - 2)
+            )
+        inv_freq = 1.0 / (base**exponent)
+        return inv_freq / self.factor if self.scaling_type == "linear" else inv_freq
+
+    def _dynamic_seq_len(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        # This is a host sync, taken only by dynamic scaling whose result depends on the longest position.
+        seq_len = int(position_ids.max()) + 1
+        if seq_len > self.cached_len:
+            self.cached_len = seq_len
+        elif seq_len < self.max_positions:
+            self.cached_len = self.max_positions
+        if self.cached_len <= self.max_positions:
+            return None
+        return torch.tensor(self.cached_len, device=position_ids.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin of shape (B, T, dim/2) in `dtype` (computed in fp32)."""
+        seq_len = self._dynamic_seq_len(position_ids) if self.scaling_type == "dynamic" else None
+        inv_freq = self.inv_freq(position_ids.device, seq_len)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] channels of x (B, H, T, D); the rest pass through.
+
+    interleaved=True pairs channels (0,1), (2,3), … (GLM); False pairs i with i + dim/2 (Llama,
+    Persimmon). Mixing the two up gives fluent garbage, not an error.
+    """
+    half = cos.shape[-1]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dim/2) broadcast over heads
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    kv_len: int,
+    batch_size: int,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S), True where a query may attend.
+
+    attention_mask: (B, S') of 1/0 over the tokens seen so far (cache + new), or None for all valid.
+    query_positions: (T,) index of each new token in the key sequence. Rows with nothing to attend
+    (a query that is itself padding) are opened fully so no NaN leaks out of softmax.
+    """
+    keys = torch.arange(kv_len, device=query_positions.device)
+    if causal:
+        mask = keys[None, :] <= query_positions[:, None]  # (T, S)
+    else:
+        mask = torch.ones(len(query_positions), kv_len, dtype=torch.bool, device=keys.device)
+    mask = mask[None, None].expand(batch_size, 1, -1, -1)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq_len) = ({batch_size}, {kv_len}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask.to(device=keys.device, dtype=torch.bool)[:, :kv_len]
+        if valid.shape[1] < kv_len:  # keys past the mask are future cache slots: causality hides them
+            valid = F.pad(valid, (0, kv_len - valid.shape[1]), value=True)
+        mask = mask & valid[:, None, None, :]
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    impl: str = "sdpa",
+    head_mask: torch.Tensor | None = None,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention with grouped K/V heads, without repeating K/V in memory.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool (B, 1, T, S) or None.
+    The G = H/Hkv query heads sharing a K/V head are folded into the query length, so every K/V head
+    is read once. Returns the output (B, T, H*D) and, when asked (eager only), weights (B, H, T, S).
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {impl!r}")
+    if (return_weights or head_mask is not None) and impl == "sdpa":
+        if return_weights:
+            warnings.warn("sdpa cannot return attention weights; computing this call eagerly", stacklevel=3)
+        impl = "eager"
+    q = q.reshape(B, Hkv, G * T, D)  # heads h = j*G + g share K/V head j
+    if mask is not None and G > 1:
+        mask = mask[:, :, None].expand(B, mask.shape[1], G, T, S).reshape(B, mask.shape[1], G * T, S)
+    weights = None
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+        if head_mask is not None:  # (H,) or (B, H, ...) broadcastable to (B, H, T, S)
+            weights = (weights.view(B, H, T, S) * head_mask).view(B, Hkv, G * T, S)
+        out = torch.matmul(weights, v)
+        weights = weights.view(B, H, T, S)
+    out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    return out, weights

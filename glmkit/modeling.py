@@ -1,0 +1,278 @@
+"""PreTrainedModel: building, loading, saving and initialising, shared by every family and head."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .cache import KVCache, as_cache
+from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
+from .config import PretrainedConfig
+from .hub import resolve_checkpoint_dir
+from .layers import RMSNorm
+
+logger = logging.getLogger("glmkit")
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
+
+
+class PreTrainedModel(nn.Module):
+    """Base class. Subclasses set `config_class`, build their modules in `__init__(config)` and call
+    `self.post_init()` last."""
+
+    config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig
+    base_model_prefix: ClassVar[str] = "model"
+    # checkpoint names to drop silently (buffers older exports wrote, e.g. rotary inv_freq)
+    ignore_on_load: ClassVar[tuple[str, ...]] = (r"rotary_emb\.inv_freq$",)
+    # head weights that may be absent and are then freshly initialised (classification heads)
+    init_if_missing: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # ---- initialisation -------------------------------------------------------------------------
+    def post_init(self) -> None:
+        """Initialise weights the reference's way (skipped on the meta device) and tie embeddings."""
+        if next(self.parameters()).device.type != "meta":
+            self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", getattr(self.config, "init_std", 0.02))
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            if module.weight is not None:
+                module.weight.data.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return getattr(self, "lm_head", None)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with lm_head when the config says so (survives .to())."""
+        head = self.get_output_embeddings()
+        if head is not None and getattr(self.config, "tie_word_embeddings", False):
+            head.weight = self.get_input_embeddings().weight
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # tied weights counted once
+        if exclude_embeddings:
+            for module in self.modules():
+                if isinstance(module, nn.Embedding):
+                    params.pop(id(module.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, **kwargs: Any) -> "PreTrainedModel":
+        """A randomly initialised model (dtype / attn_implementation accepted as in from_pretrained)."""
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        if kwargs.get("attn_implementation"):
+            config._attn_implementation = kwargs.pop("attn_implementation")
+        model = cls(config)
+        return model.to(resolve_dtype(dtype, config.torch_dtype, None)) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        config: PretrainedConfig | None = None,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: str | int | torch.device | dict | None = None,
+        attn_implementation: str | None = None,
+        **kwargs: Any,
+    ) -> "PreTrainedModel":
+        """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
+
+        Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
+        the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+        directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
+        if config is None:
+            config = cls.config_class.from_pretrained(directory, **kwargs)
+        elif kwargs:
+            raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
+        if attn_implementation is not None:
+            if attn_implementation not in ("sdpa", "eager"):
+                raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+            config._attn_implementation = attn_implementation
+        reader = WeightReader(directory)
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
+        device = resolve_device(device_map)
+        with torch.device("meta"):
+            model = cls(config)
+        names = model._match_checkpoint(reader)
+        state = {}
+        for ours, theirs in names.items():
+            tensor = reader.get(theirs)
+            if tensor.is_floating_point() and tensor.dtype != target_dtype:
+                tensor = tensor.to(target_dtype)
+            state[ours] = tensor.to(device)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        model._materialize_missing(device, target_dtype)
+        return model.eval()
+
+    def _checkpoint_name_map(self, reader_keys: list[str]) -> tuple[dict[str, str], list[str]]:
+        """Map our parameter names to checkpoint names, allowing for the base-model prefix being present
+        in one and absent in the other. Returns (ours -> theirs, unmatched checkpoint names)."""
+        ours = set(self.state_dict())
+        prefix = self.base_model_prefix + "."
+        is_base = not hasattr(self, self.base_model_prefix)
+        mapping, unmatched = {}, []
+        for name in reader_keys:
+            if name in ours:
+                mapping[name] = name
+            elif is_base and name.startswith(prefix) and name[len(prefix) :] in ours:
+                mapping[name[len(prefix) :]] = name
+            elif not is_base and prefix + name in ours:
+                mapping[prefix + name] = name
+            elif not any(re.search(p, name) for p in self.ignore_on_load):
+                unmatched.append(name)
+        return mapping, unmatched
+
+    def _match_checkpoint(self, reader: WeightReader) -> dict[str, str]:
+        mapping, unmatched = self._checkpoint_name_map(reader.keys())
+        # top-level head names we lack belong to another head (lm_head vs score): skip those
+        unexpected = [n for n in unmatched if n.split(".", 1)[0] not in HEAD_NAMES]
+        skipped = sorted(set(unmatched) - set(unexpected))
+        if skipped:
+            logger.warning("%s: ignoring checkpoint weights of another head: %s", type(self).__name__, ", ".join(skipped))
+        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        missing = sorted(set(self.state_dict()) - set(mapping) - tied)
+        fresh = [n for n in missing if n.startswith(self.init_if_missing)] if self.init_if_missing else []
+        missing = [n for n in missing if n not in fresh]
+        params = self.state_dict()
+        wrong = [
+            f"{ours} (checkpoint {tuple(reader.shape(theirs))}, model {tuple(params[ours].shape)})"
+            for ours, theirs in mapping.items()
+            if tuple(reader.shape(theirs)) != tuple(params[ours].shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing weights: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected weights: {', '.join(sorted(unexpected))}")
+        if wrong:
+            problems.append(f"wrong shapes: {', '.join(wrong)}")
+        if problems:
+            raise CheckpointError(f"checkpoint in {reader.directory} does not fit {type(self).__name__}: " + "; ".join(problems))
+        if fresh:
+            logger.warning("%s: newly initialised (not in checkpoint): %s", type(self).__name__, ", ".join(fresh))
+        return mapping
+
+    def _materialize_missing(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Give parameters still on the meta device (fresh heads) real storage, then initialise them."""
+        for module in self.modules():
+            if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+                module.to_empty(device=device, recurse=False)
+                self._init_weights(module)
+                module.to(dtype)
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", **_: Any) -> None:
+        """Write config.json and safetensors weights (sharded past max_shard_size) that the reference loads."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.torch_dtype = str(self.dtype).removeprefix("torch.")
+        self.config.save_pretrained(path)
+        state = self.state_dict()
+        if getattr(self.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_state_dict(state, path, max_shard_size)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(path)
+
+
+class InputError(ValueError):
+    """Bad model input: token ids outside the vocabulary, inconsistent shapes, a too-long sequence."""
+
+
+@dataclass
+class DecoderInputs:
+    """What every decoder core needs, derived once from the HF-style forward arguments."""
+
+    hidden: torch.Tensor  # (B, T, C) input embeddings
+    position_ids: torch.Tensor  # (B, T) or (1, T)
+    cache_position: torch.Tensor  # (T,) index of each new token in the key sequence
+    cache: KVCache | None
+    past_length: int
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise InputError naming the first id outside [0, vocab_size) (one host sync per call)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = torch.aminmax(input_ids)
+    if int(low) < 0 or int(high) >= vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise InputError(f"token id {int(bad)} is outside the vocabulary (valid ids are 0..{vocab_size - 1})")
+
+
+def prepare_decoder_inputs(
+    embed: nn.Embedding,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: Any,
+    cache_position: torch.Tensor | None,
+    use_cache: bool,
+) -> DecoderInputs:
+    """Validate ids, embed them, and fill in the cache, cache positions and position ids the way the
+    reference defaults them (positions continue from the cache; they do not look at the mask)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, embed.num_embeddings)
+        inputs_embeds = embed(input_ids)
+    cache = as_cache(past_key_values, use_cache)
+    past = cache.get_seq_length() if cache is not None else 0
+    T = inputs_embeds.shape[1]
+    if cache_position is None:
+        cache_position = torch.arange(past, past + T, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = cache_position[None]
+    return DecoderInputs(inputs_embeds, position_ids, cache_position, cache, past)

@@ -1,0 +1,1 @@
+"""One self-contained file per model family."""

@@ -1,0 +1,45 @@
+"""Shared test helpers: build tiny reference models, save them, compare numbers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def scale_weights(model: torch.nn.Module, factor: float = 4.0, seed: int = 0) -> None:
+    """Re-draw every weight larger than the reference init (std 0.02) so that a wrong RoPE layout,
+    norm or head mapping moves the logits far beyond tolerance; norms get non-unit weights too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.dim() == 1:  # norm weights
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02 * factor)
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a| — the figure the closing notes quote."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual.float()).all(), f"{what}: non-finite values"
+    diff = max_rel_diff(expected, actual)
+    assert diff <= rtol, f"{what}: max relative difference {diff:.3g} > {rtol}"
+
+
+@pytest.fixture
+def save_dir(tmp_path: Path) -> Path:
+    return tmp_path / "ckpt"
