@@ -37,7 +37,9 @@ REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
 
 def _family(model_type: Any) -> tuple[Any, dict[str, str]]:
     if model_type not in REGISTRY:
-        raise ConfigError(f"unknown model_type {model_type!r}; glmkit supports: {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(
+            f"unknown model_type {model_type!r}; glmkit supports: {', '.join(sorted(REGISTRY))}"
+        )
     module_name, config_name, tasks = REGISTRY[model_type]
     module = importlib.import_module(module_name)
     return module, {"config": config_name, **tasks}
@@ -55,7 +57,9 @@ class AutoConfig:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        hub = {k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+        hub = {
+            k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
+        }
         model_type, data = _config_for(name_or_path, **hub)
         module, names = _family(model_type)
         return getattr(module, names["config"]).from_dict(data, **kwargs)
@@ -81,7 +85,9 @@ class _AutoModel:
         """Pick the family from config.json's model_type and load with that class's from_pretrained."""
         config = kwargs.get("config")
         if config is None:
-            hub = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+            hub = {
+                k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
+            }
             model_type, _ = _config_for(name_or_path, **hub)
         else:
             model_type = config.model_type

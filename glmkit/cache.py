@@ -74,10 +74,13 @@ class KVCache:
 
     def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """The old tuple-of-(k, v) format, copies trimmed to the written length."""
-        return tuple((k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v, n in zip(self.keys, self.values, self.lengths))
+        return tuple(
+            (k[:, :, :n].clone(), v[:, :, :n].clone())
+            for k, v, n in zip(self.keys, self.values, self.lengths)
+        )
 
     @classmethod
-    def from_legacy(cls, past: tuple | list) -> "KVCache":
+    def from_legacy(cls, past: tuple | list) -> KVCache:
         cache = cls()
         for layer_idx, (k, v) in enumerate(past):
             cache.update(layer_idx, k, v)
@@ -92,5 +95,7 @@ def as_cache(past_key_values: object, use_cache: bool) -> KVCache | None:
         return past_key_values
     if isinstance(past_key_values, (tuple, list)):
         return KVCache.from_legacy(past_key_values)
-    raise TypeError(f"past_key_values must be a glmkit KVCache or a tuple of (key, value) pairs, got "
-                    f"{type(past_key_values).__name__}")
+    raise TypeError(
+        f"past_key_values must be a glmkit KVCache or a tuple of (key, value) pairs, got "
+        f"{type(past_key_values).__name__}"
+    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -26,7 +26,12 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 class CheckpointError(ValueError):
@@ -105,7 +110,9 @@ def find_weight_files(directory: Path) -> list[Path]:
     )
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config_dtype: str | None, reader: WeightReader | None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config_dtype: str | None, reader: WeightReader | None
+) -> torch.dtype:
     """None -> float32 (the reference's default); "auto" -> config's torch_dtype, else the weights'."""
     if dtype is None:
         return torch.float32
@@ -121,7 +128,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, config_dtype: str | None, rea
     try:
         return DTYPES[dtype.removeprefix("torch.")]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown dtype {dtype!r}; use 'auto', {', '.join(sorted(DTYPES))} or a torch.dtype") from None
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use 'auto', {', '.join(sorted(DTYPES))} or a torch.dtype"
+        ) from None
 
 
 def infer_device() -> torch.device:
@@ -180,7 +189,9 @@ def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dic
         yield shard
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> None:
     """Write model.safetensors, or numbered shards plus model.safetensors.index.json past the limit."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,12 @@ class PretrainedConfig:
         self.label2id = label2id if label2id is not None else {v: k for k, v in self.id2label.items()}
         if num_labels is not None and num_labels != len(self.id2label):
             self.num_labels = num_labels
-        if problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+        if problem_type not in (
+            None,
+            "regression",
+            "single_label_classification",
+            "multi_label_classification",
+        ):
             raise ConfigError(
                 f"problem_type must be 'regression', 'single_label_classification' or "
                 f"'multi_label_classification', got {problem_type!r}"
@@ -176,16 +181,22 @@ class PretrainedConfig:
         (path / CONFIG_NAME).write_text(self.to_json_string())
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> "PretrainedConfig":
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> PretrainedConfig:
         data = dict(config_dict)
         model_type = data.pop("model_type", None)
-        if cls.model_type and model_type not in (None, cls.model_type, *getattr(cls, "model_type_aliases", ())):
-            raise ConfigError(f"{cls.__name__} expects model_type {cls.model_type!r}, config.json says {model_type!r}")
+        if cls.model_type and model_type not in (
+            None,
+            cls.model_type,
+            *getattr(cls, "model_type_aliases", ()),
+        ):
+            raise ConfigError(
+                f"{cls.__name__} expects model_type {cls.model_type!r}, config.json says {model_type!r}"
+            )
         data.update(overrides)
         return cls(**data)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> "PretrainedConfig":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
         """Read config.json from a checkpoint directory (or a path to the json file itself)."""
         return cls.from_dict(read_config_dict(name_or_path), **overrides)
 

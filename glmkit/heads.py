@@ -1,8 +1,8 @@
 """Task heads and their losses, written once and bound to a family by subclassing:
 
-    class GlmForCausalLM(ForCausalLM):
-        config_class = GlmConfig
-        base_model_class = GlmModel
+class GlmForCausalLM(ForCausalLM):
+    config_class = GlmConfig
+    base_model_class = GlmModel
 """
 
 from __future__ import annotations
@@ -14,11 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling import PreTrainedModel
-from .outputs import CausalLMOutputWithPast, ModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput
+from .outputs import (
+    CausalLMOutputWithPast,
+    ModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, num_items_in_batch: int | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits at t predict labels at t+1; label -100 is ignored.
     With num_items_in_batch (gradient accumulation) the sum is divided by it instead of averaged."""
@@ -26,7 +34,10 @@ def causal_lm_loss(
     logits = logits.float().reshape(-1, logits.shape[-1])
     if num_items_in_batch is None:
         return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index)
-    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+    return (
+        F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+        / num_items_in_batch
+    )
 
 
 def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Any) -> torch.Tensor:
@@ -95,7 +106,9 @@ class ForCausalLM(_HeadModel):
         loss = None
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
-                raise ValueError(f"labels shape {tuple(labels.shape)} must match the input's {tuple(hidden.shape[:2])}")
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} must match the input's {tuple(hidden.shape[:2])}"
+                )
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits at every position: leave logits_to_keep at 0")
             loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
@@ -124,7 +137,11 @@ class ForSequenceClassification(_HeadModel):
         **kwargs: Any,
     ) -> ModelOutput | tuple:
         out = self._run_base(
-            return_dict, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            return_dict,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
         )
         hidden = out.last_hidden_state  # (B, T, C)
         B, T = hidden.shape[:2]
@@ -173,10 +190,16 @@ class ForTokenClassification(_HeadModel):
     ) -> ModelOutput | tuple:
         for unused in ("past_key_values", "use_cache"):  # token classification keeps no cache
             kwargs.pop(unused, None)
-        out = self._run_base(return_dict, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        out = self._run_base(
+            return_dict, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        )
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device))
-        output = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+            loss = F.cross_entropy(
+                logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device)
+            )
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
         return self._finish(output, return_dict)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,9 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}") from None
+        raise ValueError(
+            f"unknown activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
 
 
 # ---- rotary position embedding --------------------------------------------------------------------
@@ -97,7 +99,9 @@ class RotaryEmbedding(nn.Module):
         self.cached_len = max_position_embeddings  # dynamic: longest length its base was raised for
 
     def inv_freq(self, device: torch.device, seq_len: torch.Tensor | None = None) -> torch.Tensor:
-        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / self.dim
+        exponent = (
+            torch.arange(0, self.dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / self.dim
+        )
         base = self.base
         if seq_len is not None:  # dynamic NTK: computed in float32 tensors, as the reference does
             base = base * ((self.factor * seq_len / self.max_positions) - (self.factor - 1)) ** (

@@ -36,7 +36,9 @@ class PreTrainedModel(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     # ---- initialisation -------------------------------------------------------------------------
@@ -100,7 +102,7 @@ class PreTrainedModel(nn.Module):
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: PretrainedConfig, **kwargs: Any) -> "PreTrainedModel":
+    def from_config(cls, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
         """A randomly initialised model (dtype / attn_implementation accepted as in from_pretrained)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if kwargs.get("attn_implementation"):
@@ -119,13 +121,15 @@ class PreTrainedModel(nn.Module):
         device_map: str | int | torch.device | dict | None = None,
         attn_implementation: str | None = None,
         **kwargs: Any,
-    ) -> "PreTrainedModel":
+    ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
         """
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
+        }
         directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
         if config is None:
             config = cls.config_class.from_pretrained(directory, **kwargs)
@@ -133,7 +137,9 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
             if attn_implementation not in ("sdpa", "eager"):
-                raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+                raise ValueError(
+                    f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
+                )
             config._attn_implementation = attn_implementation
         reader = WeightReader(directory)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
@@ -176,7 +182,9 @@ class PreTrainedModel(nn.Module):
         unexpected = [n for n in unmatched if n.split(".", 1)[0] not in HEAD_NAMES]
         skipped = sorted(set(unmatched) - set(unexpected))
         if skipped:
-            logger.warning("%s: ignoring checkpoint weights of another head: %s", type(self).__name__, ", ".join(skipped))
+            logger.warning(
+                "%s: ignoring checkpoint weights of another head: %s", type(self).__name__, ", ".join(skipped)
+            )
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
         missing = sorted(set(self.state_dict()) - set(mapping) - tied)
         fresh = [n for n in missing if n.startswith(self.init_if_missing)] if self.init_if_missing else []
@@ -195,9 +203,13 @@ class PreTrainedModel(nn.Module):
         if wrong:
             problems.append(f"wrong shapes: {', '.join(wrong)}")
         if problems:
-            raise CheckpointError(f"checkpoint in {reader.directory} does not fit {type(self).__name__}: " + "; ".join(problems))
+            raise CheckpointError(
+                f"checkpoint in {reader.directory} does not fit {type(self).__name__}: " + "; ".join(problems)
+            )
         if fresh:
-            logger.warning("%s: newly initialised (not in checkpoint): %s", type(self).__name__, ", ".join(fresh))
+            logger.warning(
+                "%s: newly initialised (not in checkpoint): %s", type(self).__name__, ", ".join(fresh)
+            )
         return mapping
 
     def _materialize_missing(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -209,7 +221,9 @@ class PreTrainedModel(nn.Module):
                 module.to(dtype)
 
     # ---- saving ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", **_: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", **_: Any
+    ) -> None:
         """Write config.json and safetensors weights (sharded past max_shard_size) that the reference loads."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)

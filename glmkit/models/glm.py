@@ -59,7 +59,9 @@ class GlmConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.partial_rotary_factor = partial_rotary_factor
         self.head_dim = head_dim
-        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.num_key_value_heads = (
+            num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        )
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
@@ -180,9 +182,17 @@ class GlmModel(PreTrainedModel):
         cfg = self.config
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         inp = prepare_decoder_inputs(
-            self.embed_tokens, input_ids, inputs_embeds, position_ids, past_key_values, cache_position, use_cache
+            self.embed_tokens,
+            input_ids,
+            inputs_embeds,
+            position_ids,
+            past_key_values,
+            cache_position,
+            use_cache,
         )
         x = inp.hidden
         B, T, _ = x.shape
@@ -193,7 +203,9 @@ class GlmModel(PreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(x)
             if self.gradient_checkpointing and self.training:
-                x, weights = checkpoint(layer, x, cos, sin, mask, inp.cache, output_attentions, use_reentrant=False)
+                x, weights = checkpoint(
+                    layer, x, cos, sin, mask, inp.cache, output_attentions, use_reentrant=False
+                )
             else:
                 x, weights = layer(x, cos, sin, mask, inp.cache, output_attentions)
             if output_attentions:

@@ -1,0 +1,37 @@
+"""The README's promises about set-up hold: CI runs exactly its test command; its examples run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "README must open with a bash block of the two set-up commands"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    run_cmd, test_cmd = readme_commands()[:2]
+    assert "pytest" in test_cmd and "torch==2.13.0" in run_cmd and "torch==2.13.0" in test_cmd
+    ci_lines = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if not line.startswith(("#", "set ", "cd "))
+    ]
+    assert [line for line in ci_lines if line.strip()] == [test_cmd]
+
+
+def test_quickstart_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "GlmForCausalLM" in result.stdout and "loss" in result.stdout
