@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generation import GenerationConfig, GenerationMixin
 from .modeling import PreTrainedModel
 from .outputs import (
     CausalLMOutputWithPast,
@@ -79,7 +80,7 @@ class _HeadModel(PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ForCausalLM(_HeadModel):
+class ForCausalLM(GenerationMixin, _HeadModel):
     """Language-model head on the last hidden states; `logits_to_keep` limits which positions get logits."""
 
     output_class: ClassVar[type[ModelOutput]] = CausalLMOutputWithPast
@@ -87,6 +88,7 @@ class ForCausalLM(_HeadModel):
     def __init__(self, config: Any):
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 
     def forward(

@@ -15,6 +15,7 @@ from torch import nn
 from .cache import KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
 from .config import PretrainedConfig
+from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import resolve_checkpoint_dir
 from .layers import RMSNorm
 
@@ -156,6 +157,8 @@ class PreTrainedModel(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
+        if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
         return model.eval()
 
     def _checkpoint_name_map(self, reader_keys: list[str]) -> tuple[dict[str, str], list[str]]:

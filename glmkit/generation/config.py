@@ -1,0 +1,116 @@
+"""GenerationConfig: decoding settings, read from generation_config.json and overridable by keyword."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "max_new_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "num_return_sequences": 1,
+    "stop_strings": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "output_scores": False,
+    "output_logits": None,
+    "return_dict_in_generate": False,
+    "use_cache": True,
+}
+
+
+class GenerationConfig:
+    """Decoding settings with the reference's defaults (note top_k=50 applies whenever do_sample).
+
+    Unknown keys are kept and written back. `validate()` raises on combinations that cannot work.
+    """
+
+    def __init__(self, **kwargs: Any):
+        for key, value in {**copy.deepcopy(DEFAULTS), **kwargs}.items():
+            setattr(self, key, value)
+
+    def update(self, **kwargs: Any) -> GenerationConfig:
+        """A copy with the given (non-None-meaning) overrides applied."""
+        new = copy.deepcopy(self)
+        for key, value in kwargs.items():
+            setattr(new, key, value)
+        return new
+
+    def validate(self) -> None:
+        if self.do_sample:
+            t = self.temperature
+            if t is not None and (not isinstance(t, (int, float)) or t <= 0):
+                raise ValueError(
+                    f"`temperature` (={t}) has to be a strictly positive float, otherwise your next token scores "
+                    "will be invalid. If you're looking for greedy decoding strategies, set `do_sample=False`."
+                )
+            if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
+                raise ValueError(f"`top_p` has to be a float in [0, 1], got {self.top_p}")
+            if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+                raise ValueError(f"`min_p` has to be a float in [0, 1], got {self.min_p}")
+            if self.typical_p is not None and not 0.0 < self.typical_p <= 1.0:
+                raise ValueError(f"`typical_p` has to be a float in (0, 1], got {self.typical_p}")
+            if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+                raise ValueError(f"`top_k` has to be a non-negative integer, got {self.top_k}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(
+                f"`repetition_penalty` has to be a strictly positive float, got {self.repetition_penalty}"
+            )
+        if self.num_beams != 1:
+            raise NotImplementedError("beam search (num_beams > 1) is not implemented in glmkit yet")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(
+                "Greedy methods without beam search do not support `num_return_sequences` different than 1 "
+                f"(got {self.num_return_sequences})."
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"`max_new_tokens` must be >= 0, got {self.max_new_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Only the values that differ from the defaults (what generation_config.json holds)."""
+        return {k: v for k, v in self.to_dict().items() if k not in DEFAULTS or DEFAULTS[k] != v}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / GENERATION_CONFIG_NAME
+        path.write_text(json.dumps(self.to_diff_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> GenerationConfig:
+        path = Path(directory) / GENERATION_CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        data.pop("transformers_version", None)
+        data.pop("_from_model_config", None)
+        return cls(**data)
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> GenerationConfig:
+        return cls(**{k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")})
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig {json.dumps(self.to_diff_dict(), sort_keys=True)}"
