@@ -73,12 +73,17 @@ class GenerationConfig:
             if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
                 raise ValueError(f"`top_k` has to be a non-negative integer, got {self.top_k}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"`repetition_penalty` has to be a strictly positive float, got {self.repetition_penalty}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"`num_beams` must be a positive integer, got {self.num_beams}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(
-                f"`repetition_penalty` has to be a strictly positive float, got {self.repetition_penalty}"
+                f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to "
+                f"`num_beams` ({self.num_beams})."
             )
-        if self.num_beams != 1:
-            raise NotImplementedError("beam search (num_beams > 1) is not implemented in glmkit yet")
-        if self.num_return_sequences > 1 and not self.do_sample:
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"`early_stopping` must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams == 1 and self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError(
                 "Greedy methods without beam search do not support `num_return_sequences` different than 1 "
                 f"(got {self.num_return_sequences})."

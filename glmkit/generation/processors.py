@@ -55,9 +55,7 @@ class BadWords:
             isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq)
             for seq in bad_words_ids
         ):
-            raise ValueError(
-                f"`bad_words_ids` must be a list of non-empty lists of token ids, got {bad_words_ids!r}"
-            )
+            raise ValueError(f"`bad_words_ids` must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
         seqs = [list(s) for s in bad_words_ids if not (len(s) == 1 and s[0] in eos_token_ids)]
         self.single = sorted({s[0] for s in seqs if len(s) == 1})
         self.multi = [s for s in seqs if len(s) > 1]

@@ -68,9 +68,7 @@ class TextStreamer(BaseStreamer):
 class TextIteratorStreamer(TextStreamer):
     """Queue the text so another thread can iterate over it: `for text in streamer: ...`."""
 
-    def __init__(
-        self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any
-    ):
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.text_queue: Queue = Queue()
         self.stop_signal = None

@@ -15,6 +15,7 @@ import torch
 
 from ..cache import KVCache
 from ..outputs import ModelOutput
+from .beam import beam_search
 from .config import DEFAULTS, GenerationConfig
 from .processors import LogitsProcessor, build_processors
 from .stopping import StopStrings
@@ -190,9 +191,7 @@ class GenerationMixin:
         kwargs.pop("token_type_ids", None)  # tokenizer output that decoder-only models ignore
         inputs = kwargs.pop("inputs", None)
         input_ids = inputs if input_ids is None else input_ids
-        known = set(DEFAULTS) | set(
-            vars(generation_config or getattr(self, "generation_config", GenerationConfig()))
-        )
+        known = set(DEFAULTS) | set(vars(generation_config or getattr(self, "generation_config", GenerationConfig())))
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -202,6 +201,18 @@ class GenerationMixin:
         config = plan.config
         if attention_mask is None:
             attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
+        if config.num_beams > 1:
+            if streamer is not None:
+                raise ValueError("`streamer` cannot be used with beam search")
+            if plan.stop_strings is not None:
+                raise NotImplementedError("stop_strings with beam search is not implemented in glmkit")
+            out = beam_search(self, input_ids, attention_mask, plan, PREFILL_CHUNK)
+            if not config.return_dict_in_generate:
+                return out.sequences
+            out.scores = out.scores if config.output_scores else None
+            out.sequences_scores = out.sequences_scores if config.output_scores else None
+            out.logits = out.logits if config.output_logits else None
+            return out
         if config.num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)

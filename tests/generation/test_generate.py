@@ -41,9 +41,7 @@ def pair(request, tmp_path_factory):
     config_name, model_name, module_name, kwargs = FAMILIES[request.param]
     module = importlib.import_module(module_name)
     torch.manual_seed(0)
-    ref = getattr(transformers, model_name)(
-        getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)
-    ).eval()
+    ref = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)).eval()
     scale_weights(ref, factor=6.0)
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path)
@@ -192,9 +190,7 @@ def tokenizer():
     """A reference fast tokenizer: BPE over letters and spaces, pieces glued back without separators."""
     gen = torch.Generator().manual_seed(0)
     letters = "abcdefghijklmnopqrstuvwxyz "
-    text = [
-        "".join(letters[i] for i in torch.randint(0, 27, (200,), generator=gen).tolist()) for _ in range(50)
-    ]
+    text = ["".join(letters[i] for i in torch.randint(0, 27, (200,), generator=gen).tolist()) for _ in range(50)]
     tok = Tokenizer(models.BPE())
     tok.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
@@ -213,9 +209,7 @@ def test_stop_strings_stop_where_reference_stops(pair, tokenizer):
     text0 = tokenizer.decode(free[0, 5:8])
     text1 = tokenizer.decode(free[1, 9:11])
     stops = [text0[1:4], text1[-3:]]  # span token boundaries in each row
-    want, got = both(
-        pair, ids, mask, max_new_tokens=20, eos_token_id=None, stop_strings=stops, tokenizer=tokenizer
-    )
+    want, got = both(pair, ids, mask, max_new_tokens=20, eos_token_id=None, stop_strings=stops, tokenizer=tokenizer)
     assert_same_tokens(want, got)
     assert got.shape[1] < ids.shape[1] + 20
 
@@ -253,9 +247,7 @@ def test_stream_api_finish_reasons(pair, tokenizer):
     ours = pair[1]
     full = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[:, ids.shape[1] :]
     eos = int(full[0, 4])
-    chunks = list(
-        ours.stream(ids, mask, tokenizer=tokenizer, max_new_tokens=12, eos_token_id=[eos], pad_token_id=0)
-    )
+    chunks = list(ours.stream(ids, mask, tokenizer=tokenizer, max_new_tokens=12, eos_token_id=[eos], pad_token_id=0))
     reasons = [next(c.finish_reason[r] for c in chunks if c.finish_reason[r]) for r in range(2)]
     tokens = [[t for c in chunks for t in c.token_ids[r]] for r in range(2)]
     assert reasons[0] == "stop" and tokens[0][-1] == eos and len(tokens[0]) == full[0].tolist().index(eos) + 1
@@ -290,7 +282,8 @@ def test_generation_config_json_and_eos_union(tmp_path):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(do_sample=True, temperature=0.0), ValueError, "strictly positive float"),
-    (dict(num_beams=3), NotImplementedError, "beam search"),
+    (dict(num_beams=2, num_return_sequences=3), ValueError, "smaller or equal to `num_beams`"),
+    (dict(num_beams=2, early_stopping="sometimes"), ValueError, "early_stopping"),
     (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
     (dict(top_p=1.5, do_sample=True), ValueError, "top_p"),
     (dict(bad_words_ids=[5]), ValueError, "bad_words_ids"),
@@ -301,3 +294,19 @@ def test_invalid_generation_arguments(pair, kwargs, error, match):
     ids, _ = prompts(1)
     with pytest.raises(error, match=match):
         pair[1].generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("option", [
+    dict(num_beams=3),
+    dict(num_beams=4, length_penalty=0.5, num_return_sequences=2),
+    dict(num_beams=3, early_stopping=True, length_penalty=2.0),
+    dict(num_beams=4, early_stopping="never", num_return_sequences=4),
+])  # fmt: skip
+def test_beam_search_identical(pair, option):
+    ids, mask = prompts(2, left_pad=2)
+    free = pair[1].generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)[:, ids.shape[1] :]
+    eos = [int(free[0, 5]), int(free[1, 8])]  # make some beams finish early
+    kwargs = dict(max_new_tokens=16, eos_token_id=eos, return_dict_in_generate=True, output_scores=True, **option)
+    want, got = both(pair, ids, mask, **kwargs)
+    assert_same_tokens(want.sequences, got.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,121 @@
+"""Beam search with the reference's exact bookkeeping (vectorised over batch and beams).
+
+Per step: log-softmax, processors, add each beam's running score, keep the top K = max(2, 1 + #eos)
+* num_beams continuations; those that hit a stop (EOS, length) compete, length-normalised, for the
+num_beams finished slots; the best num_beams others keep running. The early-stop heuristic and
+`early_stopping` (True / False / "never") decide when nothing better can come.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache import KVCache
+from ..outputs import ModelOutput
+
+NEG = -1.0e9
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    sequences: torch.Tensor | None = None
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select along the beam axis (dim 1) of a (B, beams, ...) tensor."""
+    return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
+
+
+@torch.no_grad()
+def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Any,
+                prefill_chunk: int) -> GenerateBeamDecoderOnlyOutput:  # fmt: skip
+    cfg, n = plan.config, plan.config.num_beams
+    B, P = input_ids.shape
+    L = P + plan.max_new_tokens
+    dev = input_ids.device
+    eos = torch.tensor(plan.eos, device=dev) if plan.eos else None
+    keep = max(2, 1 + len(plan.eos)) * n
+    top_n = torch.arange(keep, device=dev) < n
+    fill = (plan.pad or plan.eos[0]) if plan.eos else -1  # the reference's fill value, quirks included
+    running = torch.full((B, n, L), fill, dtype=torch.long, device=dev)
+    running[:, :, :P] = input_ids[:, None]
+    finished = running.clone()
+    run_scores = torch.zeros(B, n, device=dev)
+    run_scores[:, 1:] = NEG  # all beams start identical: let only the first one expand
+    fin_scores = torch.full((B, n), NEG, device=dev)
+    is_fin = torch.zeros(B, n, dtype=torch.bool, device=dev)
+    fin_len = torch.zeros(B, n, dtype=torch.long, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    mask = attention_mask.new_ones((B * n, L))
+    mask[:, :P] = attention_mask.repeat_interleave(n, dim=0)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = KVCache(max_length=L)
+    flat = running.view(B * n, L)
+    for start in range(0, P, prefill_chunk):
+        end = min(P, start + prefill_chunk)
+        out = model(flat[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    all_scores, all_logits = [], []
+    offset = (torch.arange(B, device=dev) * n)[:, None]
+    for cur in range(P, L):
+        logits = out.logits[:, -1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for processor in plan.processors:
+            log_probs = processor(running.view(B * n, L)[:, :cur], log_probs)
+        all_scores.append(log_probs)
+        all_logits.append(logits)
+        V = log_probs.shape[-1]
+        total = (log_probs.view(B, n, V) + run_scores[:, :, None]).view(B, n * V)
+        if cfg.do_sample:
+            index = torch.multinomial(torch.softmax(total, dim=-1), num_samples=keep)
+            top_lp = torch.gather(total, 1, index)
+        else:
+            top_lp, index = torch.topk(total, k=keep)
+        source, token = index // V, index % V  # (B, K): which beam each continuation extends
+        cand = _take(running, source)
+        cand[:, :, cur] = token
+        hits = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+        if cur + 1 >= L:
+            hits = torch.ones_like(hits)
+        # the best num_beams continuations that did not stop keep running
+        run_lp = top_lp + hits.float() * NEG
+        nxt = torch.topk(run_lp, k=n)[1]
+        running, run_scores, parent = _take(cand, nxt), _take(run_lp, nxt), _take(source, nxt) + offset
+        # stopped ones among the first num_beams compete for the finished slots
+        just = hits & top_n[None]
+        norm = top_lp / ((cur + 1 - P) ** cfg.length_penalty)
+        full = is_fin.all(-1, keepdim=True) & (cfg.early_stopping is True)
+        norm = norm + full.float() * NEG + (~improvable).float() * NEG + (~just) * NEG
+        merged = torch.cat((fin_scores, norm), dim=1)
+        best = torch.topk(merged, k=n)[1]
+        finished = _take(torch.cat((finished, cand), dim=1), best)
+        fin_scores = _take(merged, best)
+        is_fin = _take(torch.cat((is_fin, just), dim=1), best)
+        fin_len = _take(torch.cat((fin_len, torch.full_like(token, cur + 1 - P)), dim=1), best)
+        cache.reorder(parent.flatten())
+        length = cur + 1 - P
+        if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
+            length = L - P
+        best_running = run_scores[:, :1] / (length**cfg.length_penalty)
+        worst_finished = torch.where(is_fin, fin_scores.min(dim=1, keepdim=True)[0], NEG)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        open_beams = not (bool(is_fin.all()) and cfg.early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+            break
+        flat = running.view(B * n, L)
+        out = model(flat[:, cur : cur + 1], attention_mask=mask[:, : cur + 1], position_ids=positions[:, cur : cur + 1],
+                    past_key_values=cache, use_cache=True)  # fmt: skip
+    r = cfg.num_return_sequences
+    length = P + int(fin_len[:, :r].max())
+    return GenerateBeamDecoderOnlyOutput(
+        sequences=finished[:, :r].reshape(B * r, L)[:, :length],
+        sequences_scores=fin_scores[:, :r].reshape(B * r),
+        scores=tuple(all_scores),
+        logits=tuple(all_logits),
+    )
