@@ -10,6 +10,7 @@ from .auto import (
     AutoModelForTokenClassification,
 )
 from .cache import KVCache
+from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from .checkpoint import CheckpointError, infer_device
 from .config import ConfigError, PretrainedConfig
 from .modeling import InputError, PreTrainedModel
@@ -20,6 +21,14 @@ from .models.glm import (
     GlmForTokenClassification,
     GlmModel,
 )
+from .models.persimmon import (
+    PersimmonConfig,
+    PersimmonForCausalLM,
+    PersimmonForSequenceClassification,
+    PersimmonForTokenClassification,
+    PersimmonModel,
+)
+from .models.xglm import XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMPreTrainedModel
 
 __all__ = [
     "AutoConfig",
@@ -34,9 +43,21 @@ __all__ = [
     "GlmForSequenceClassification",
     "GlmForTokenClassification",
     "GlmModel",
+    "GenerationConfig",
     "InputError",
     "KVCache",
+    "PersimmonConfig",
+    "PersimmonForCausalLM",
+    "PersimmonForSequenceClassification",
+    "PersimmonForTokenClassification",
+    "PersimmonModel",
     "PreTrainedModel",
     "PretrainedConfig",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "XGLMConfig",
+    "XGLMForCausalLM",
+    "XGLMModel",
+    "XGLMPreTrainedModel",
     "infer_device",
 ]

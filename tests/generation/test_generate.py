@@ -58,9 +58,16 @@ def prompts(batch=1, length=7, left_pad=0, seed=3):
 
 
 def both(pair, ids, mask, **kwargs):
+    """Same call to both. glmkit stops on the union of the argument's and the config's EOS ids (GLM-4
+    needs all of its three), the reference on the argument's alone: hand the reference the union."""
     ref, ours = pair
+    ref_kwargs = dict(kwargs)
+    if kwargs.get("eos_token_id") is not None:
+        config_eos = ref.generation_config.eos_token_id
+        config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+        ref_kwargs["eos_token_id"] = list(dict.fromkeys(list(kwargs["eos_token_id"]) + config_eos))
     with torch.no_grad():
-        want = ref.generate(ids, attention_mask=mask, **kwargs)
+        want = ref.generate(ids, attention_mask=mask, **ref_kwargs)
         got = ours.generate(ids, attention_mask=mask, **kwargs)
     return want, got
 
