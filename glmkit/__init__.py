@@ -10,9 +10,10 @@ from .auto import (
     AutoModelForTokenClassification,
 )
 from .cache import KVCache
-from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
+from .chat import ChatTemplateError
 from .checkpoint import CheckpointError, infer_device
 from .config import ConfigError, PretrainedConfig
+from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from .modeling import InputError, PreTrainedModel
 from .models.glm import (
     GlmConfig,
@@ -29,9 +30,30 @@ from .models.persimmon import (
     PersimmonModel,
 )
 from .models.xglm import XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMPreTrainedModel
+from .tokenization import (
+    AutoTokenizer,
+    BatchEncoding,
+    ChatGLM4Tokenizer,
+    LlamaTokenizer,
+    LlamaTokenizerFast,
+    PreTrainedTokenizerFast,
+    Tokenizer,
+    XGLMTokenizer,
+    XGLMTokenizerFast,
+)
 
 __all__ = [
     "AutoConfig",
+    "AutoTokenizer",
+    "BatchEncoding",
+    "ChatGLM4Tokenizer",
+    "ChatTemplateError",
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
+    "PreTrainedTokenizerFast",
+    "Tokenizer",
+    "XGLMTokenizer",
+    "XGLMTokenizerFast",
     "AutoModel",
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",

@@ -1,0 +1,1 @@
+"""glmkit tokenizers and chat templates against the reference (transformers 4.56.2)."""
