@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, trainers
 from transformers.generation import logits_process as hf
 
 import glmkit.generation.utils as gen_utils
+from glmkit import AutoTokenizer
 from glmkit.generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from glmkit.generation.processors import build_processors
 
@@ -210,7 +211,15 @@ def tokenizer():
     )
 
 
-def test_stop_strings_stop_where_reference_stops(pair, tokenizer):
+@pytest.fixture(scope="module")
+def our_tokenizer(tokenizer, tmp_path_factory):
+    """The same tokenizer, saved by the reference and loaded by glmkit."""
+    path = tmp_path_factory.mktemp("tok")
+    tokenizer.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_stop_strings_stop_where_reference_stops(pair, tokenizer, our_tokenizer):
     ids, mask = prompts(2, left_pad=2)
     free = pair[1].generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None)[:, ids.shape[1] :]
     text0 = tokenizer.decode(free[0, 5:8])
@@ -219,18 +228,19 @@ def test_stop_strings_stop_where_reference_stops(pair, tokenizer):
     want, got = both(pair, ids, mask, max_new_tokens=20, eos_token_id=None, stop_strings=stops, tokenizer=tokenizer)
     assert_same_tokens(want, got)
     assert got.shape[1] < ids.shape[1] + 20
+    kwargs = dict(max_new_tokens=20, eos_token_id=None, stop_strings=stops, tokenizer=our_tokenizer)
+    assert_same_tokens(want, pair[1].generate(ids, attention_mask=mask, **kwargs))
 
 
-def test_text_streamer_same_output(pair, tokenizer):
+def test_text_streamer_same_output(pair, tokenizer, our_tokenizer):
     ids, mask = prompts(1)
     ref, ours = pair
     outputs = []
-    for model, streamer_cls in ((ref, transformers.TextStreamer), (ours, TextStreamer)):
+    for model, make in ((ref, transformers.TextStreamer), (ours, TextStreamer)):
+        streamer = make(tokenizer if model is ref else our_tokenizer, skip_prompt=True)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            model.generate(
-                ids, max_new_tokens=20, eos_token_id=None, streamer=streamer_cls(tokenizer, skip_prompt=True)
-            )
+            model.generate(ids, max_new_tokens=20, eos_token_id=None, streamer=streamer)
         outputs.append(buf.getvalue())
     assert outputs[0] == outputs[1] and len(outputs[1]) > 10
 
