@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .config import ConfigError, PretrainedConfig, read_config_dict
-from .hub import resolve_checkpoint_dir
+from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 
 # model_type -> (module, config class, {task: class name})
 REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -33,9 +33,12 @@ REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
         },
     ),
 }
+# other model_types a family's config class translates on load: the original THUDM GLM-4 release
+ALIASES = {"chatglm": "glm"}
 
 
 def _family(model_type: Any) -> tuple[Any, dict[str, str]]:
+    model_type = ALIASES.get(model_type, model_type)
     if model_type not in REGISTRY:
         raise ConfigError(
             f"unknown model_type {model_type!r}; glmkit supports: {', '.join(sorted(REGISTRY))}"
@@ -57,10 +60,7 @@ class AutoConfig:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        hub = {
-            k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
-        }
-        model_type, data = _config_for(name_or_path, **hub)
+        model_type, data = _config_for(name_or_path, **pop_hub_kwargs(kwargs))
         module, names = _family(model_type)
         return getattr(module, names["config"]).from_dict(data, **kwargs)
 
@@ -83,15 +83,10 @@ class _AutoModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
         """Pick the family from config.json's model_type and load with that class's from_pretrained."""
+        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))  # resolve a hub id once
         config = kwargs.get("config")
-        if config is None:
-            hub = {
-                k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
-            }
-            model_type, _ = _config_for(name_or_path, **hub)
-        else:
-            model_type = config.model_type
-        return cls._class_for(model_type).from_pretrained(name_or_path, **kwargs)
+        model_type = config.model_type if config is not None else _config_for(directory)[0]
+        return cls._class_for(model_type).from_pretrained(directory, **kwargs)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, **kwargs: Any):

@@ -197,8 +197,12 @@ class PretrainedConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
-        """Read config.json from a checkpoint directory (or a path to the json file itself)."""
-        return cls.from_dict(read_config_dict(name_or_path), **overrides)
+        """Read config.json from a checkpoint directory, a hub id (revision=, token=, … accepted) or a path
+        to the json file itself."""
+        from .hub import pop_hub_kwargs
+
+        hub_kwargs = pop_hub_kwargs(overrides)
+        return cls.from_dict(read_config_dict(name_or_path, **hub_kwargs), **overrides)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
@@ -207,13 +211,13 @@ class PretrainedConfig:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
-def read_config_dict(name_or_path: str | os.PathLike) -> dict[str, Any]:
+def read_config_dict(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
     """Parse config.json, raising ConfigError with the path on any problem."""
     from .hub import resolve_checkpoint_dir
 
     path = Path(name_or_path)
     if not (path.is_file() and path.suffix == ".json"):
-        path = resolve_checkpoint_dir(name_or_path) / CONFIG_NAME
+        path = resolve_checkpoint_dir(name_or_path, **hub_kwargs) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}")
     try:

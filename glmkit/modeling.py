@@ -16,7 +16,7 @@ from .cache import KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
 from .config import PretrainedConfig
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
-from .hub import resolve_checkpoint_dir
+from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm
 
 logger = logging.getLogger("glmkit")
@@ -128,10 +128,7 @@ class PreTrainedModel(nn.Module):
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
         """
-        hub_kwargs = {
-            k: kwargs.pop(k) for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs
-        }
-        directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
+        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
         if config is None:
             config = cls.config_class.from_pretrained(directory, **kwargs)
         elif kwargs:
@@ -142,7 +139,7 @@ class PreTrainedModel(nn.Module):
                     f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
                 )
             config._attn_implementation = attn_implementation
-        reader = WeightReader(directory)
+        reader = cls.adapt_checkpoint(WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         device = resolve_device(device_map)
         with torch.device("meta"):
@@ -160,6 +157,12 @@ class PreTrainedModel(nn.Module):
         if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         return model.eval()
+
+    @classmethod
+    def adapt_checkpoint(cls, reader: WeightReader, config: PretrainedConfig) -> WeightReader:
+        """Hook for a family whose released checkpoints use other names or fused tensors (the original
+        GLM-4 layout): return a reader presenting them in the HF layout. Default: unchanged."""
+        return reader
 
     def _checkpoint_name_map(self, reader_keys: list[str]) -> tuple[dict[str, str], list[str]]:
         """Map our parameter names to checkpoint names, allowing for the base-model prefix being present

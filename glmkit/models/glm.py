@@ -6,12 +6,15 @@ Pre-norm decoder: RMSNorm, grouped-query attention with q/k/v bias and partial *
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import CheckpointError, WeightReader
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..layers import RMSNorm, RotaryEmbedding, apply_rotary, attention, build_attention_mask, get_activation
@@ -87,6 +90,13 @@ class GlmConfig(PretrainedConfig):
         if int(self.head_dim * self.partial_rotary_factor) % 2:
             raise ConfigError("head_dim * partial_rotary_factor must be even")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> GlmConfig:
+        """Also accepts the original THUDM release's config (model_type "chatglm"), translated first."""
+        if config_dict.get("model_type") == "chatglm":
+            config_dict = chatglm_config_to_glm(config_dict)
+        return super().from_dict(config_dict, **overrides)
+
 
 class GlmMLP(nn.Module):
     def __init__(self, config: GlmConfig):
@@ -145,7 +155,17 @@ class GlmDecoderLayer(nn.Module):
         return x, weights
 
 
-class GlmModel(PreTrainedModel):
+class ChatGLMCheckpointMixin:
+    """Lets every GLM class load the original THUDM checkpoints (`transformer.encoder.…` names)."""
+
+    @classmethod
+    def adapt_checkpoint(cls, reader: WeightReader, config: GlmConfig) -> WeightReader:
+        if any(name.startswith("transformer.") for name in reader.keys()):
+            return ChatGLMWeights(reader, config)
+        return reader
+
+
+class GlmModel(ChatGLMCheckpointMixin, PreTrainedModel):
     """The decoder stack without a head: returns last_hidden_state (after the final norm)."""
 
     config_class = GlmConfig
@@ -222,16 +242,160 @@ class GlmModel(PreTrainedModel):
         return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
 
-class GlmForCausalLM(ForCausalLM):
+class GlmForCausalLM(ChatGLMCheckpointMixin, ForCausalLM):
     config_class = GlmConfig
     base_model_class = GlmModel
 
 
-class GlmForSequenceClassification(ForSequenceClassification):
+class GlmForSequenceClassification(ChatGLMCheckpointMixin, ForSequenceClassification):
     config_class = GlmConfig
     base_model_class = GlmModel
 
 
-class GlmForTokenClassification(ForTokenClassification):
+class GlmForTokenClassification(ChatGLMCheckpointMixin, ForTokenClassification):
     config_class = GlmConfig
     base_model_class = GlmModel
+
+
+# ---- the original THUDM release layout (model_type "chatglm") --------------------------------------------
+
+# settings the GLM classes implement one way only; a checkpoint asking for the other would load into garbage
+CHATGLM_FIXED = {
+    "rmsnorm": True,
+    "apply_residual_connection_post_layernorm": False,
+    "post_layer_norm": True,
+    "add_bias_linear": False,
+    "original_rope": True,
+}
+# keys without effect on inference math (dropouts, fusions, precision switches) or pointing at remote code.
+# apply_query_key_layer_scaling divides the scores by the layer number and multiplies them back before softmax.
+CHATGLM_DROPPED = (
+    "hidden_dropout", "classifier_dropout", "bias_dropout_fusion", "apply_query_key_layer_scaling",
+    "attention_softmax_in_fp32", "fp32_residual_connection", "prefix_projection", "auto_map", "vocab_size",
+    "num_hidden_layers", "architectures", "_name_or_path",
+)  # fmt: skip
+CHATGLM_NAMES = (  # (original name prefix, HF name prefix), anchored at the start
+    (r"transformer\.embedding\.word_embeddings\.", "model.embed_tokens."),
+    (r"transformer\.encoder\.final_layernorm\.", "model.norm."),
+    (r"transformer\.output_layer\.", "lm_head."),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"model.layers.\1.mlp.gate_up_proj."),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"model.layers.\1.mlp.down_proj."),
+    (r"transformer\.encoder\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.", r"model.layers.\1.\2."),
+)
+CHATGLM_QKV = re.compile(r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)")
+CHATGLM_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")
+
+
+def chatglm_config_to_glm(data: dict[str, Any]) -> dict[str, Any]:
+    """Translate an original GLM-4 config.json (model_type "chatglm") into GlmConfig keys. Absent keys take
+    the reference ChatGLMConfig's defaults; rope base = 10000 * rope_ratio over half of each head."""
+    src = dict(data)
+    src.pop("model_type", None)
+    for key, implemented in CHATGLM_FIXED.items():
+        if bool(src.pop(key, implemented)) != implemented:
+            raise ConfigError(
+                f"chatglm config {key}={data[key]!r} changes the model's math and is not implemented "
+                f"by glmkit's GLM classes (they implement {key}={implemented})"
+            )
+    if src.pop("pre_seq_len", None) is not None:
+        raise ConfigError("chatglm config pre_seq_len (prefix tuning) is not implemented by glmkit")
+    if "vision_config" in src:
+        raise ConfigError("GLM-4V (a chatglm config with vision_config) is not supported by glmkit")
+    for key in CHATGLM_DROPPED:
+        src.pop(key, None)
+    heads = src.pop("num_attention_heads", 32)
+    multi_query, groups = src.pop("multi_query_attention", False), src.pop("multi_query_group_num", 1)
+    glm = dict(
+        vocab_size=src.pop("padded_vocab_size", 65024),
+        hidden_size=src.pop("hidden_size", 4096),
+        intermediate_size=src.pop("ffn_hidden_size", 13696),
+        num_hidden_layers=src.pop("num_layers", 28),
+        num_attention_heads=heads,
+        num_key_value_heads=groups if multi_query else heads,
+        head_dim=src.pop("kv_channels", 128),
+        partial_rotary_factor=0.5,
+        rms_norm_eps=src.pop("layernorm_epsilon", 1e-5),
+        rope_theta=10000.0 * src.pop("rope_ratio", 1),
+        attention_bias=src.pop("add_qkv_bias", False),
+        max_position_embeddings=src.pop("seq_length", 2048),
+        tie_word_embeddings=src.pop("tie_word_embeddings", False),
+        pad_token_id=src.pop("pad_token_id", None),
+        eos_token_id=src.pop("eos_token_id", None),
+        architectures=["GlmForCausalLM"],
+    )
+    return {**src, **glm, "model_type": "glm"}
+
+
+def chatglm_weight_plan(names: Iterable[str], config: GlmConfig) -> dict[str, tuple[str, slice | None]]:
+    """HF name -> (original name, rows to take or None for all) for an original GLM-4 checkpoint.
+
+    query_key_value rows are [q (H*D); k (Hkv*D); v (Hkv*D)] and split plainly: the original rotates
+    interleaved pairs over the first half of each head exactly as GlmAttention does, so q/k need no
+    permutation. Unknown names pass through unchanged, to be reported as unexpected.
+    """
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    parts = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+    plan: dict[str, tuple[str, slice | None]] = {}
+    for name in names:
+        if CHATGLM_IGNORED.fullmatch(name):
+            continue
+        if match := CHATGLM_QKV.fullmatch(name):
+            for proj, rows in parts.items():
+                plan[f"model.layers.{match[1]}.self_attn.{proj}.{match[2]}"] = (name, rows)
+            continue
+        new = name
+        for pattern, replacement in CHATGLM_NAMES:
+            new, found = re.subn("^" + pattern, replacement, name)
+            if found:
+                break
+        plan[new] = (name, None)
+    return plan
+
+
+def convert_chatglm_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig) -> dict[str, torch.Tensor]:
+    """An original GLM-4 state dict in the HF "glm" layout (in memory; loading does this lazily)."""
+    plan = chatglm_weight_plan(state_dict, config)
+    return {new: state_dict[old] if rows is None else state_dict[old][rows] for new, (old, rows) in plan.items()}
+
+
+class ChatGLMWeights:
+    """A WeightReader look-alike over an original GLM-4 checkpoint that shows HF names and shapes. Nothing
+    is read before `get`; each fused query_key_value is read once and sliced into q, k and v."""
+
+    def __init__(self, reader: WeightReader, config: GlmConfig):
+        self.reader, self.directory, self.files = reader, reader.directory, reader.files
+        self.plan = chatglm_weight_plan(reader.keys(), config)
+        self._fused: tuple[str, torch.Tensor] | None = None
+        rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        fused = sorted({old for old, part in self.plan.values() if part is not None})
+        bad = [f"{old} {tuple(reader.shape(old))}" for old in fused if reader.shape(old)[0] != rows]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint in {reader.directory}: query_key_value must have (num_attention_heads + "
+                f"2 * num_key_value_heads) * head_dim = {rows} rows; got {', '.join(bad)}"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.plan)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        old, rows = self.plan[name]
+        shape = tuple(self.reader.shape(old))
+        return shape if rows is None else (rows.stop - rows.start, *shape[1:])
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self.reader.dtype(self.plan[name][0])
+
+    def floating_dtype(self) -> torch.dtype | None:
+        return self.reader.floating_dtype()
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        old, rows = self.plan[name]
+        if rows is None:
+            return self.reader.get(old) if dtype is None else self.reader.get(old, dtype)
+        if self._fused is None or self._fused[0] != old:  # q, k, v are asked for in a row
+            self._fused = (old, self.reader.get(old))
+        part = self._fused[1][rows]
+        # own storage either way: safetensors refuses to save tensors that share it
+        return part.to(dtype) if dtype is not None and part.dtype != dtype else part.clone()

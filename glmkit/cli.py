@@ -1,0 +1,158 @@
+"""The `glmkit` command. Each subcommand is one function registered with `@subcommand`, which names it,
+adds its arguments and runs it; new ones (generate, chat, train, bench) plug in the same way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Configure = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+# name -> (one-line help, add the subcommand's arguments, run it and return the exit status)
+COMMANDS: dict[str, tuple[str, Configure, Run]] = {}
+
+
+def subcommand(name: str, help: str, configure: Configure) -> Callable[[Run], Run]:
+    """Register `run` as `glmkit NAME`."""
+
+    def register(run: Run) -> Run:
+        COMMANDS[name] = (help, configure, run)
+        return run
+
+    return register
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, name: str = "path") -> None:
+    """A checkpoint directory or hub id, with the options that say where its files come from."""
+    parser.add_argument(name, help="checkpoint directory or Hugging Face hub id (org/name)")
+    parser.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the local hub cache only")
+    parser.add_argument("--cache-dir", help="hub cache directory (default: HF_HUB_CACHE)")
+
+
+def hub_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"revision": args.revision, "local_files_only": args.local_files_only, "cache_dir": args.cache_dir}
+
+
+# ---- convert ------------------------------------------------------------------------------------------
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, "src")
+    parser.add_argument("out", help="directory to write the Hugging Face layout to")
+    parser.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
+    parser.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (e.g. 2GB)")
+
+
+@subcommand("convert", "write a checkpoint (e.g. an original THUDM GLM-4 release) in the HF layout", _convert_arguments)
+def convert(args: argparse.Namespace) -> int:
+    """Load through glmkit's own loader (which reads the original layouts) and save the HF layout, with the
+    tokenizer files beside it; remote code (.py) is never copied."""
+    from .auto import AutoModelForCausalLM
+    from .hub import is_tokenizer_file, resolve_checkpoint_dir
+
+    src = resolve_checkpoint_dir(args.src, **hub_options(args))
+    out = Path(args.out)
+    if out.resolve() == src.resolve():
+        raise ValueError("convert writes a new directory; OUT must differ from SRC")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=args.dtype)
+    model.save_pretrained(out, max_shard_size=args.max_shard_size)
+    copied = []
+    for file in sorted(src.iterdir()):
+        if file.is_file() and is_tokenizer_file(file.name):
+            if file.name == "tokenizer_config.json":  # auto_map points at remote code we do not copy
+                data = json.loads(file.read_text())
+                data.pop("auto_map", None)
+                (out / file.name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            else:
+                shutil.copyfile(file, out / file.name)
+            copied.append(file.name)
+    print(f"wrote {type(model).__name__} ({model.config.model_type}, {model.dtype}) to {out}")
+    print(f"tokenizer files: {', '.join(copied) if copied else 'none found'}")
+    return 0
+
+
+# ---- info ---------------------------------------------------------------------------------------------
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def checkpoint_info(directory: Path) -> dict[str, Any]:
+    """What a checkpoint is, read from config.json, tensor headers and tokenizer files (no weights loaded)."""
+    from .auto import ALIASES
+    from .checkpoint import WeightReader
+    from .config import read_config_dict
+
+    config = read_config_dict(directory)
+    reader = WeightReader(directory)
+    names = [n for n in reader.keys() if not n.endswith("inv_freq")]
+    numels = [math.prod(reader.shape(n)) for n in names]
+    dtypes = sorted({str(reader.dtype(n)).removeprefix("torch.") for n in names})
+    tokenizer_config = directory / "tokenizer_config.json"
+    chat_template = (directory / "chat_template.jinja").is_file() or (
+        tokenizer_config.is_file() and bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
+    )
+    model_type = config.get("model_type")
+    return {
+        "path": str(directory),
+        "family": ALIASES.get(model_type, model_type),
+        "model_type": model_type,
+        "architectures": config.get("architectures"),
+        "parameters": sum(numels),
+        "dtype": config.get("torch_dtype") or config.get("dtype"),
+        "weight_dtypes": dtypes,
+        "weight_files": {f.name: f.stat().st_size for f in reader.files},
+        "chat_template": chat_template,
+    }
+
+
+@subcommand("info", "describe a checkpoint: family, parameters, dtype, files, chat template", _info_arguments)
+def info(args: argparse.Namespace) -> int:
+    from .hub import resolve_checkpoint_dir
+
+    facts = checkpoint_info(resolve_checkpoint_dir(args.path, **hub_options(args)))
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    files = facts.pop("weight_files")
+    facts["parameters"] = f"{facts['parameters']:,} ({facts['parameters'] / 1e9:.2f}B)"
+    facts["weight_dtypes"] = ", ".join(facts["weight_dtypes"])
+    for key, value in facts.items():
+        print(f"{key + ':':15}{value}")
+    print(f"{'weight files:':15}{len(files)}, {sum(files.values()) / 2**20:.1f} MiB")
+    for name, size in files.items():
+        print(f"  {name}  {size / 2**20:.1f} MiB")
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="glmkit", description="GLM-4, XGLM and Persimmon in plain PyTorch")
+    parser.add_argument("--version", action="version", version=f"glmkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, configure, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help, description=help)
+        configure(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `glmkit ARGS`; problems with the checkpoint or the arguments print one line and return 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"glmkit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
