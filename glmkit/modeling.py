@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
@@ -83,6 +84,13 @@ class PreTrainedModel(nn.Module):
         head = self.get_output_embeddings()
         if head is not None and getattr(self.config, "tie_word_embeddings", False):
             head.weight = self.get_input_embeddings().weight
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in backward: less memory for more compute when training."""
+        self.base_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing = False
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -296,3 +304,22 @@ def prepare_decoder_inputs(
     if position_ids is None:
         position_ids = cache_position[None]
     return DecoderInputs(inputs_embeds, position_ids, cache_position, cache, past)
+
+
+def run_layers(
+    model: nn.Module, x: torch.Tensor, layer_args: tuple, output_hidden_states: bool, output_attentions: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Run `model.layers` as `layer(x, *layer_args, output_attentions) -> (x, weights)`, collecting each
+    layer's input and attention weights when asked; activations are recomputed in backward when the model
+    trains with gradient checkpointing on."""
+    hidden, attentions = [], []
+    for layer in model.layers:
+        if output_hidden_states:
+            hidden.append(x)
+        if model.gradient_checkpointing and model.training:
+            x, weights = checkpoint(layer, x, *layer_args, output_attentions, use_reentrant=False)
+        else:
+            x, weights = layer(x, *layer_args, output_attentions)
+        if output_attentions:
+            attentions.append(weights)
+    return x, hidden, attentions

@@ -12,13 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CheckpointError, WeightReader
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..layers import RMSNorm, RotaryEmbedding, apply_rotary, attention, build_attention_mask, get_activation
-from ..modeling import PreTrainedModel, prepare_decoder_inputs
+from ..modeling import PreTrainedModel, prepare_decoder_inputs, run_layers
 from ..outputs import BaseModelOutputWithPast
 
 
@@ -218,18 +217,9 @@ class GlmModel(ChatGLMCheckpointMixin, PreTrainedModel):
         B, T, _ = x.shape
         mask = build_attention_mask(attention_mask, inp.cache_position, inp.past_length + T, B)
         cos, sin = self.rotary_emb(inp.position_ids, x.dtype)
-        all_hidden, all_attn = [], []
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                x, weights = checkpoint(
-                    layer, x, cos, sin, mask, inp.cache, output_attentions, use_reentrant=False
-                )
-            else:
-                x, weights = layer(x, cos, sin, mask, inp.cache, output_attentions)
-            if output_attentions:
-                all_attn.append(weights)
+        x, all_hidden, all_attn = run_layers(
+            self, x, (cos, sin, mask, inp.cache), output_hidden_states, output_attentions
+        )
         x = self.norm(x)
         if output_hidden_states:
             all_hidden.append(x)

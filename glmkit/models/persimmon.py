@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..layers import RotaryEmbedding, apply_rotary, attention, build_attention_mask, get_activation
-from ..modeling import PreTrainedModel, prepare_decoder_inputs
+from ..modeling import PreTrainedModel, prepare_decoder_inputs, run_layers
 from ..outputs import BaseModelOutputWithPast
 
 
@@ -232,17 +231,9 @@ class PersimmonModel(PreTrainedModel):
         B, T, _ = x.shape
         mask = build_attention_mask(attention_mask, inp.cache_position, inp.past_length + T, B)
         cos, sin = self.rotary_emb(inp.position_ids, x.dtype)  # (B, T, rotary_dim/2)
-        all_hidden, all_attn = [], []
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                args = (x, cos, sin, mask, inp.cache, output_attentions)
-                x, weights = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x, weights = layer(x, cos, sin, mask, inp.cache, output_attentions)
-            if output_attentions:
-                all_attn.append(weights)
+        x, all_hidden, all_attn = run_layers(
+            self, x, (cos, sin, mask, inp.cache), output_hidden_states, output_attentions
+        )
         x = self.final_layernorm(x)
         if output_hidden_states:
             all_hidden.append(x)
