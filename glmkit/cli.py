@@ -130,6 +130,145 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate / chat -----------------------------------------------------------------------------------
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default:glm", help="checkpoint directory, hub id, or default:glm|xglm|persimmon"
+    )
+    parser.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the local hub cache only")
+    parser.add_argument("--cache-dir", help="hub cache directory (default: HF_HUB_CACHE)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int, help="torch.manual_seed before generating (reproducible sampling)")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .auto import AutoModelForCausalLM
+    from .tokenization import AutoTokenizer
+
+    hub = hub_options(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def _run_stream(model: Any, tokenizer: Any, input_ids: Any, options: dict[str, Any], echo: bool) -> tuple[str, int]:
+    """Generate for one prompt, printing text deltas as they come when `echo`; return (text, new tokens)."""
+    pieces, count = [], 0
+    for chunk in model.stream(input_ids, tokenizer=tokenizer, **options):
+        count += len(chunk.token_ids[0])
+        pieces.append(chunk.text[0])
+        if echo:
+            print(chunk.text[0], end="", flush=True)
+    return "".join(pieces), count
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="*", help="prompt(s); read from stdin (one per line) when none are given")
+    _model_arguments(parser)
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+
+
+@subcommand("generate", "continue prompt(s) with a model (the bundled GLM by default), offline", _generate_arguments)
+def generate(args: argparse.Namespace) -> int:
+    """Each prompt's completion goes to stdout (prompt included unless --chat); speed goes to stderr."""
+    import time
+
+    import torch
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given (pass it as an argument or on stdin)")
+    model, tokenizer = _load(args)
+    for prompt in prompts:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+            input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        else:
+            input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        input_ids = input_ids.to(model.device)
+        if not args.chat:
+            print(prompt, end="", flush=True)
+        start = time.perf_counter()
+        text, count = _run_stream(model, tokenizer, input_ids, _sampling(args), echo=args.stream)
+        elapsed = time.perf_counter() - start
+        print("" if args.stream else text, flush=True)
+        print(f"[{count} tokens in {elapsed:.2f}s, {count / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--system", help="system prompt to start with")
+
+
+@subcommand("chat", "interactive chat with the model's chat template (/reset, /system TEXT, /quit)", _chat_arguments)
+def chat(args: argparse.Namespace) -> int:
+    """A read-reply loop with history. Replies stream and stop on every EOS id; Ctrl-C stops the current
+    reply (the partial reply is kept), a second Ctrl-C or Ctrl-D at the prompt quits."""
+    import torch
+
+    model, tokenizer = _load(args)
+    system = args.system
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system") :].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'removed'}; history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        pieces: list[str] = []
+        try:
+            for chunk in model.stream(input_ids, tokenizer=tokenizer, **_sampling(args)):
+                pieces.append(chunk.text[0])
+                print(chunk.text[0], end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -58,15 +58,20 @@ def resolve_checkpoint_dir(
     token: str | bool | None = None,
     **_: object,
 ) -> Path:
-    """Return the local directory holding a checkpoint: `name_or_path` itself when it is a directory,
-    else the cached snapshot of hub id `org/name` at `revision` (downloaded unless offline).
+    """Return the local directory holding a checkpoint: a bundled model for `default[:family]`,
+    `name_or_path` itself when it is a directory, else the cached snapshot of hub id `org/name` at
+    `revision` (downloaded unless offline).
 
     Raises FileNotFoundError (NotInCacheError when offline and not cached) naming what was asked for.
     """
+    name = str(name_or_path)
+    if name == "default" or name.startswith("default:"):  # the bundled Shakespeare models
+        from .bundled import path as bundled_path
+
+        return bundled_path(name.partition(":")[2] or "glm")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
     if not HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"checkpoint directory {name!r} does not exist (nor is it a hub id 'org/name')")
     return _snapshot(name, revision, local_files_only or hub_offline(), cache_dir, token)

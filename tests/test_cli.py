@@ -1,0 +1,73 @@
+"""The real `glmkit` console script, driven in subprocesses: generate and chat."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, trainers
+
+from glmkit import GlmConfig, GlmForCausalLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny GLM with a letter-level BPE tokenizer and a chat template, as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("cli-model")
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    gen = torch.Generator().manual_seed(0)
+    text = ["".join(letters[i] for i in torch.randint(0, 27, (200,), generator=gen).tolist()) for _ in range(20)]
+    tok = Tokenizer(models.BPE())
+    tok.decoder = decoders.Fuse()
+    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=80, special_tokens=specials, initial_alphabet=list(letters))
+    )
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = GlmConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=[1])  # fmt: skip
+    GlmForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def glmkit(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    exe = shutil.which("glmkit") or ""
+    command = [exe, *args] if exe else [sys.executable, "-m", "glmkit.cli", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=180, env=env, check=False)
+
+
+def test_generate_prompts_from_args_and_stdin(checkpoint):
+    result = glmkit("generate", "abc", "--model", str(checkpoint), "--max-new-tokens", "6", "--stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("abc") and "tokens/s" in result.stderr
+    piped = glmkit("generate", "--model", str(checkpoint), "--max-new-tokens", "4", "--do-sample", "--seed", "1",
+                   "--chat", stdin="hello\nworld\n")  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr.count("tokens/s") == 2
+
+
+def test_chat_loop_commands(checkpoint):
+    script = "hello\n/reset\n/system be brief\nhi there\n/quit\n"
+    result = glmkit("chat", "--model", str(checkpoint), "--max-new-tokens", "4", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "(history cleared)" in result.stdout and "(system prompt set; history cleared)" in result.stdout
+
+
+def test_bad_model_is_one_line_error(tmp_path):
+    result = glmkit("generate", "x", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("glmkit generate: error:") and "Traceback" not in result.stderr
