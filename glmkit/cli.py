@@ -269,6 +269,46 @@ def chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
+# ---- train -------------------------------------------------------------------------------------------
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainOptions field (`max_steps` -> `--max-steps`), with its default and type."""
+    import dataclasses
+    import typing
+
+    from .train import TrainOptions
+
+    hints = typing.get_type_hints(TrainOptions)
+    for field in dataclasses.fields(TrainOptions):
+        flag = "--" + field.name.replace("_", "-")
+        if hints[field.name] is bool:
+            parser.add_argument(flag, action="store_true", help=f"(default: {field.default})")
+        elif field.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True)
+        else:
+            kind = next((t for t in (int, float) if hints[field.name] is t), str)
+            parser.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
+
+
+@subcommand("train", "train from scratch (--family, --preset) or fine-tune (--model) on text / JSONL", _train_arguments)
+def train(args: argparse.Namespace) -> int:
+    """Writes an HF-layout checkpoint with its tokenizer to --out; progress goes to stderr."""
+    import dataclasses
+
+    from .train import TrainOptions
+    from .train import train as run_training
+
+    options = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    result = run_training(options)
+    losses = [point["loss"] for point in result.history if "loss" in point]
+    summary = f"wrote {result.out}: step {result.step}"
+    if losses:
+        summary += f", train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    if result.eval_loss is not None:
+        summary += f", eval loss {result.eval_loss:.3f} (unigram baseline {result.unigram_eval_loss:.3f})"
+    print(summary)
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

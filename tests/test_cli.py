@@ -71,3 +71,28 @@ def test_bad_model_is_one_line_error(tmp_path):
     result = glmkit("generate", "x", "--model", str(tmp_path / "missing"))
     assert result.returncode == 1
     assert result.stderr.startswith("glmkit generate: error:") and "Traceback" not in result.stderr
+
+
+def test_train_then_generate(tmp_path):
+    """A 20-step run from scratch lowers the loss; its output loads back and generates."""
+    import re
+
+    text = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog number {i % 7}." for i in range(400))
+    (tmp_path / "corpus.txt").write_text(text)
+    out = tmp_path / "run"
+    result = glmkit("train", "--data", str(tmp_path / "corpus.txt"), "--family", "glm", "--out", str(out),
+                    "--max-steps", "20", "--vocab-size", "300", "--block-size", "32", "--batch-size", "8",
+                    "--eval-every", "10", "--log-every", "5", "--warmup-steps", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", result.stdout).groups())
+    assert last < first
+    generated = glmkit("generate", "Line 3:", "--model", str(out), "--max-new-tokens", "8")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("Line 3:")
+
+
+def test_generate_bundled_default():
+    """`glmkit generate` with no --model runs offline on the bundled GLM."""
+    result = glmkit("generate", "ROMEO:", "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout.strip()) > len("ROMEO:")

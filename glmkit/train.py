@@ -1,0 +1,509 @@
+"""Train a GLM-4, XGLM or Persimmon causal LM from scratch, or fine-tune a checkpoint (`glmkit train`).
+
+From scratch, the tokenizer is trained the way the family's own works (GLM-4: byte-level BPE
+tokenizer.json; XGLM: sentencepiece BPE with the fairseq id offset; Persimmon: sentencepiece unigram
+with byte fallback, Llama convention). Text is tokenized, packed into fixed-length blocks with EOS between
+documents and trained with AdamW, warmup + cosine decay and gradient accumulation. Checkpoints are the
+Hugging Face layout (config, safetensors, tokenizer) plus `trainer_state.pt` for `resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .auto import AutoModelForCausalLM
+from .chat import GLM4_CHAT_TEMPLATE, PERSIMMON_CHAT_TEMPLATE
+from .config import PretrainedConfig
+from .modeling import PreTrainedModel
+from .models.glm import GlmConfig
+from .models.persimmon import PersimmonConfig
+from .models.xglm import XGLMConfig
+from .tokenization import GLM4_PATTERN, AutoTokenizer, FastTokenizer, LlamaTokenizer, Tokenizer, XGLMTokenizer
+
+FAMILIES = ("glm", "xglm", "persimmon")
+STATE_FILE = "trainer_state.pt"
+GLM_SPECIAL_TOKENS = (
+    "<|endoftext|> [MASK] [gMASK] [sMASK] <sop> <eop> <|system|> <|user|> <|assistant|> <|observation|>".split()
+)
+
+# Size presets. "small" (~1.1-1.3M parameters with a 2k vocabulary) is what the bundled models use;
+# GLM keeps GLM-4's grouped-query attention (2 query heads per KV head) and half-dim partial RoPE.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "glm": {
+        "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16),
+        "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32),
+        "base": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=32),
+    },
+    "xglm": {
+        "tiny": dict(d_model=64, ffn_dim=256, num_layers=2, attention_heads=4),
+        "small": dict(d_model=128, ffn_dim=512, num_layers=4, attention_heads=4),
+        "base": dict(d_model=256, ffn_dim=1024, num_layers=6, attention_heads=8),
+    },
+    "persimmon": {
+        "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+        "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+        "base": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8),
+    },
+}  # fmt: skip
+
+
+@dataclass
+class TrainOptions:
+    """Everything `train()` needs; the CLI flags map one to one (`--max-steps` -> max_steps)."""
+
+    data: str | os.PathLike  # plain text, or .jsonl/.json lines of {"text": ...} / {"messages": [...]}
+    out: str | os.PathLike  # checkpoint directory, rewritten at every save
+    family: str = "glm"  # from scratch: glm | xglm | persimmon
+    preset: str = "tiny"  # from scratch: a key of PRESETS[family]
+    model: str | os.PathLike | None = None  # fine-tune this checkpoint directory instead
+    separator: str | None = None  # plain text: split it into documents at this string (e.g. "\n\n")
+    resume: bool = False  # continue from `out` (its weights, tokenizer and trainer_state.pt)
+    vocab_size: int = 2048  # from scratch: tokenizer size (an upper bound on small corpora)
+    block_size: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_fraction: float = 0.05  # the held-out tail of the token stream
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 0  # 0: save only at the end
+    log_every: int = 10
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    device: str | None = None  # default: cuda when available, else cpu
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    train_loss: float | None  # mean over the last logged window
+    eval_loss: float | None
+    unigram_eval_loss: float | None  # eval cross-entropy under the training split's unigram distribution
+    num_parameters: int
+    seconds: float
+    history: list[dict[str, float]]  # the logged points: {"step", "loss"} and {"step", "eval_loss"}
+
+
+# ---- data -----------------------------------------------------------------------------------------
+Record = str | list[dict[str, Any]]  # a text document or a chat conversation
+
+
+def read_records(path: str | os.PathLike, separator: str | None = None) -> list[Record]:
+    """JSONL (.jsonl/.json) lines with "text" or "messages", else plain text: one document, or one per
+    `separator`-delimited part (a play or a book is one stream; a file of short texts would be split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".jsonl", ".json"):
+        parts = text.split(separator) if separator else [text]
+        records: list[Record] = [d.strip("\n") for d in parts if d.strip()]
+    else:
+        records = [_parse_jsonl_line(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not records:
+        raise ValueError(f"{path} holds no text to train on")
+    return records
+
+
+def _parse_jsonl_line(line: str, path: Path, n: int) -> Record:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if (
+        isinstance(messages, list)
+        and messages
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)
+    ):
+        return messages
+    raise ValueError(f'{path}:{n}: expected {{"text": str}} or {{"messages": [{{"role", "content"}}, ...]}}')
+
+
+def _plain_texts(records: list[Record]) -> Iterator[str]:
+    """What the tokenizer trainer sees: paragraphs of the documents, and the contents of chat messages."""
+    for r in records:
+        if isinstance(r, str):
+            yield from (p for p in r.split("\n\n") if p.strip())  # sentencepiece wants short "sentences"
+        else:
+            yield from (str(m.get("content") or "") for m in r)
+
+
+def encode_records(records: list[Record], tokenizer: Tokenizer) -> list[int]:
+    """One token stream: each document as the tokenizer encodes it (its prefix included), EOS after each,
+    never two EOS in a row (XGLM's `</s> X` already starts with EOS)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: documents could not be separated")
+    texts = [r for r in records if isinstance(r, str)]
+    encoded = iter(tokenizer(texts)["input_ids"]) if texts else iter(())
+    stream: list[int] = []
+    for r in records:
+        if isinstance(r, str):
+            ids = next(encoded)
+        else:
+            if tokenizer.chat_template is None and tokenizer.default_chat_template is None:
+                raise ValueError("chat data needs a chat template, and this tokenizer has none (XGLM has none)")
+            rendered = tokenizer.apply_chat_template(r, tokenize=False)
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if stream and stream[-1] == eos and ids[:1] == [eos]:
+            ids = ids[1:]
+        stream += ids
+        if not ids or ids[-1] != eos:
+            stream.append(eos)
+    return stream
+
+
+def make_blocks(stream: list[int], opts: TrainOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval) blocks of block_size tokens; eval is the tail eval_fraction of the stream."""
+    n = len(stream) // opts.block_size
+    n_eval = max(1, round(n * opts.eval_fraction)) if opts.eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        need = (n_eval + 1) * opts.block_size
+        raise ValueError(f"too little data: {len(stream)} tokens; block_size {opts.block_size} needs at least {need}")
+    blocks = torch.tensor(stream[: n * opts.block_size], dtype=torch.long).view(n, opts.block_size)  # (N, T)
+    return blocks[: n - n_eval], blocks[n - n_eval :]
+
+
+def unigram_cross_entropy(train: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats) of `targets` under the add-one-smoothed unigram distribution of `train`."""
+    counts = torch.bincount(train.flatten(), minlength=vocab_size).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return float(-logp[targets.flatten()].mean())
+
+
+# ---- tokenizers -----------------------------------------------------------------------------------
+def train_tokenizer(family: str, texts: list[str], vocab_size: int, model_max_length: int, work: Path) -> Tokenizer:
+    """A new tokenizer of the family's kind, saved into `work` and loaded back through AutoTokenizer."""
+    work.mkdir(parents=True, exist_ok=True)
+    if family == "glm":
+        _glm_tokenizer(texts, vocab_size, model_max_length).save_pretrained(work)
+    else:
+        import sentencepiece as spm
+
+        kind = {"model_type": "bpe"} if family == "xglm" else {"model_type": "unigram", "byte_fallback": True}
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=str(work / "sp"),
+            vocab_size=vocab_size - 8 * (family == "xglm"),  # XGLM adds <pad> and seven <madeupword>s
+            character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=family == "xglm",  # what transformers' XGLM fast converter assumes
+            split_digits=True, hard_vocab_limit=False, max_sentence_length=1 << 16, minloglevel=2,
+            num_threads=max(1, torch.get_num_threads()), **kind,
+        )  # fmt: skip
+        if family == "xglm":
+            tok: Tokenizer = XGLMTokenizer(work / "sp.model", model_max_length=model_max_length)
+        else:
+            tok = LlamaTokenizer(
+                work / "sp.model", legacy=True, model_max_length=model_max_length,
+                chat_template=PERSIMMON_CHAT_TEMPLATE,
+            )  # fmt: skip
+        tok.save_pretrained(work)
+        for name in ("sp.model", "sp.vocab"):
+            (work / name).unlink()
+    return AutoTokenizer.from_pretrained(work)
+
+
+def _glm_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) -> Tokenizer:
+    """GLM-4 -hf style: byte-level BPE over GLM-4's pre-tokenizer regex, special tokens after the vocabulary,
+    `[gMASK]<sop>` prepended by the post-processor, the GLM-4 chat template."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(GLM_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIAL_TOKENS])
+    gmask, sop = backend.token_to_id("[gMASK]"), backend.token_to_id("<sop>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[gMASK]:0 <sop>:0 $A:0",
+        pair="[gMASK]:0 <sop>:0 $A:0 $B:1",
+        special_tokens=[("[gMASK]", gmask), ("<sop>", sop)],
+    )
+    return FastTokenizer(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=GLM_SPECIAL_TOKENS[1:],
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+        chat_template=GLM4_CHAT_TEMPLATE,
+    )
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def check_preset(family: str, preset: str) -> None:
+    if family not in PRESETS:
+        raise ValueError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
+    if preset not in PRESETS[family]:
+        raise ValueError(f"unknown preset {preset!r} for {family}: choose one of {', '.join(PRESETS[family])}")
+
+
+def build_config(family: str, preset: str, tokenizer: Tokenizer, max_positions: int) -> PretrainedConfig:
+    """A family config of the preset's shape, with the tokenizer's vocabulary and special ids."""
+    check_preset(family, preset)
+    shape, vocab = PRESETS[family][preset], len(tokenizer)
+    if family == "glm":
+        # GLM-4 chat stops on <|endoftext|>, <|user|> and <|observation|>
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+        return GlmConfig(vocab_size=vocab, max_position_embeddings=max_positions, pad_token_id=eos[0],
+                         eos_token_id=eos, **shape)  # fmt: skip
+    if family == "xglm":
+        return XGLMConfig(vocab_size=vocab, max_position_embeddings=max_positions, dropout=0.0,
+                          attention_dropout=0.0, **shape)  # fmt: skip
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return PersimmonConfig(vocab_size=vocab, max_position_embeddings=max_positions, **ids, **shape)
+
+
+def _lr_factor(step: int, opts: TrainOptions) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+    if step < opts.warmup_steps:
+        return (step + 1) / opts.warmup_steps
+    progress = min(1.0, (step - opts.warmup_steps) / max(1, opts.max_steps - opts.warmup_steps))
+    return opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model: PreTrainedModel, opts: TrainOptions) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95))
+
+
+# ---- training -------------------------------------------------------------------------------------
+class _Sampler:
+    """Block indices for any global micro-batch: a fresh seeded permutation per epoch, so a resumed run
+    draws exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def batch(self, index: int) -> torch.Tensor:
+        out = []
+        for i in range(index * self.batch_size, (index + 1) * self.batch_size):
+            epoch, pos = divmod(i, self.n)
+            if epoch not in self._perm:
+                self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            out.append(self._perm[epoch][pos])
+        return torch.stack(out)
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss over `blocks` (every block contributes block_size - 1 predictions)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        with _autocast(device):
+            total += float(model(input_ids=x, labels=x, use_cache=False).loss) * len(x)
+    model.train(was_training)
+    return total / len(blocks)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def save_checkpoint(out: Path, model: PreTrainedModel, tokenizer: Tokenizer, state: dict[str, Any]) -> None:
+    """Write into out/.partial, then move each file over: an interrupted save leaves the last one whole."""
+    partial = out / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    torch.save(state, partial / STATE_FILE)
+    for f in partial.iterdir():
+        os.replace(f, out / f.name)
+    partial.rmdir()
+
+
+def _setup(opts: TrainOptions, out: Path, records: list[Record]) -> tuple[PreTrainedModel, Tokenizer, dict | None]:
+    """Model, tokenizer and (when resuming) the saved trainer state."""
+    if opts.resume:
+        if not (out / STATE_FILE).is_file():
+            raise FileNotFoundError(f"nothing to resume: {out / STATE_FILE} does not exist")
+        state = torch.load(out / STATE_FILE, weights_only=True)
+        return AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), state
+    if (out / STATE_FILE).is_file() or (out / "config.json").is_file():
+        raise FileExistsError(f"{out} already holds a checkpoint: pass resume=True or choose another directory")
+    if opts.model is not None:
+        return AutoModelForCausalLM.from_pretrained(opts.model), AutoTokenizer.from_pretrained(opts.model), None
+    check_preset(opts.family, opts.preset)  # before the (slow) tokenizer training
+    max_positions = max(2048, opts.block_size)
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(opts.family, list(_plain_texts(records)), opts.vocab_size, max_positions, out / ".tok")
+    shutil.rmtree(out / ".tok")
+    _log(f"trained a {len(tokenizer)}-token {type(tokenizer).__name__} in {time.perf_counter() - t0:.1f}s")
+    config = build_config(opts.family, opts.preset, tokenizer, max_positions)
+    torch.manual_seed(opts.seed)
+    return AutoModelForCausalLM.from_config(config), tokenizer, None
+
+
+def train(opts: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
+    """Train (from scratch, fine-tune or resume) per `opts` (or TrainOptions(**kwargs)); returns the final losses.
+
+    Progress goes to stderr: `step N/M | loss | lr | tokens/s`, and eval lines every eval_every steps.
+    """
+    opts = opts or TrainOptions(**kwargs)
+    _check(opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    records = read_records(opts.data, opts.separator)
+    model, tokenizer, state = _setup(opts, out, records)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).train()
+    model.base_model.gradient_checkpointing = opts.gradient_checkpointing
+    train_blocks, eval_blocks = make_blocks(encode_records(records, tokenizer), opts)
+    eval_blocks = eval_blocks[: opts.eval_batches * opts.batch_size]
+    unigram = unigram_cross_entropy(train_blocks, eval_blocks[:, 1:], len(tokenizer)) if len(eval_blocks) else None
+    run = _Run(opts, model, device, state)
+    _log(
+        f"{type(model).__name__}: {model.num_parameters():,} parameters on {device}; {len(train_blocks)} train / "
+        f"{len(eval_blocks)} eval blocks of {opts.block_size} tokens; starting at step {run.step}/{opts.max_steps}"
+        + (f"; unigram eval loss {unigram:.4f}" if unigram is not None else "")
+    )
+    sampler = _Sampler(len(train_blocks), opts.batch_size, opts.seed)
+    eval_loss = None
+    while run.step < opts.max_steps:
+        micro = [sampler.batch(run.step * opts.grad_accum + m) for m in range(opts.grad_accum)]
+        run.train_step([train_blocks[idx].to(device) for idx in micro])
+        if len(eval_blocks) and (run.step % opts.eval_every == 0 or run.step == opts.max_steps):
+            eval_loss = evaluate(model, eval_blocks, opts.batch_size, device)
+            run.history.append({"step": run.step, "eval_loss": eval_loss})
+            _log(f"step {run.step} | eval loss {eval_loss:.4f}")
+        if opts.save_every and run.step % opts.save_every == 0 and run.step < opts.max_steps:
+            save_checkpoint(out, model, tokenizer, run.state())
+    if eval_loss is None and len(eval_blocks):
+        eval_loss = evaluate(model, eval_blocks, opts.batch_size, device)
+    save_checkpoint(out, model, tokenizer, run.state())
+    seconds = time.perf_counter() - run.t_start
+    _log(f"saved {out} at step {run.step} ({seconds:.0f}s)")
+    train_loss = next((h["loss"] for h in reversed(run.history) if "loss" in h), None)
+    return TrainResult(out, run.step, train_loss, eval_loss, unigram, model.num_parameters(), seconds, run.history)
+
+
+class _Run:
+    """Optimizer, schedule, step counter and progress window of one training run (restored on resume)."""
+
+    def __init__(self, opts: TrainOptions, model: PreTrainedModel, device: torch.device, state: dict | None):
+        self.opts, self.model, self.device = opts, model, device
+        self.optimizer = _optimizer(model, opts)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, opts))
+        self.step, self.history = 0, []
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        self.t_start = self.t_window = time.perf_counter()
+        self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
+
+    def train_step(self, batches: list[torch.Tensor]) -> None:
+        """One optimizer step over the accumulated micro-batches, each (B, T)."""
+        n_items = sum(b[:, 1:].numel() for b in batches)  # predicted tokens across the whole group
+        for x in batches:
+            with _autocast(self.device):
+                loss = self.model(input_ids=x, labels=x, num_items_in_batch=n_items, use_cache=False).loss
+            loss.backward()  # divided by the group's token count already: the gradients add up to the mean
+            self.window_loss += float(loss.detach())
+        if self.opts.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.window_steps += 1
+        self.window_tokens += sum(b.numel() for b in batches)
+        if self.step % self.opts.log_every == 0 or self.step == self.opts.max_steps:
+            self._report()
+
+    def _report(self) -> None:
+        now = time.perf_counter()
+        loss = self.window_loss / self.window_steps
+        self.history.append({"step": self.step, "loss": loss})
+        _log(
+            f"step {self.step}/{self.opts.max_steps} | loss {loss:.4f} | lr {self.scheduler.get_last_lr()[0]:.2e} | "
+            f"{self.window_tokens / max(now - self.t_window, 1e-9):,.0f} tok/s | {now - self.t_start:.0f}s"
+        )
+        self.window_loss, self.window_steps, self.window_tokens, self.t_window = 0.0, 0, 0, now
+
+    def state(self) -> dict[str, Any]:
+        """What trainer_state.pt holds: plain tensors and Python values (torch.load(weights_only=True) reads it)."""
+        s = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "options": {k: _plain(v) for k, v in asdict(self.opts).items()},
+        }
+        if self.device.type == "cuda":
+            s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return s
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, os.PathLike) else value
+
+
+def _check(opts: TrainOptions) -> None:
+    positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(opts, name)}")
+    if not 0 <= opts.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {opts.eval_fraction}")
+    if opts.block_size < 2:
+        raise ValueError("block_size must be at least 2 (a token and the one it predicts)")
+    if opts.warmup_steps < 0 or opts.save_every < 0:
+        raise ValueError("warmup_steps and save_every must not be negative")
+
+
+__all__ = ["FAMILIES", "PRESETS", "TrainOptions", "TrainResult", "train", "train_tokenizer", "read_records"]
