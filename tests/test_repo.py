@@ -35,3 +35,12 @@ def test_quickstart_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "GlmForCausalLM" in result.stdout and "loss" in result.stdout
+
+
+def test_readme_python_examples_run():
+    """Every ```python block of the README runs as written (they use the bundled model, offline)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    for i, code in enumerate(blocks):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, f"README python example {i + 1} failed:\n{code}\n{result.stderr}"
