@@ -21,7 +21,6 @@ with tempfile.TemporaryDirectory() as path:
     mask = torch.ones_like(input_ids)
     out = model(input_ids, attention_mask=mask, labels=input_ids)
     print(f"{type(model).__name__}: {model.num_parameters():,} parameters on {model.device}, {model.dtype}")
-    print(
-        f"logits {tuple(out.logits.shape)}, loss {out.loss.item():.3f} (uniform would be {torch.log(torch.tensor(512.0)):.3f})"
-    )
+    uniform = torch.log(torch.tensor(512.0)).item()
+    print(f"logits {tuple(out.logits.shape)}, loss {out.loss.item():.3f} (uniform would be {uniform:.3f})")
     print(f"cache holds {out.past_key_values.get_seq_length()} positions")

@@ -87,6 +87,49 @@ class KVCache:
         return cache
 
 
+class StaticKVCache(KVCache):
+    """Fixed-capacity buffers for the fast decode path (DESIGN rule 5): static shapes, no host sync.
+
+    The caller binds the positions a forward pass writes (`bind(cache_position)`, a (T,) tensor); `update`
+    then copies k/v there in place and returns the *whole* buffers, so every decode step sees the same
+    shapes. Slots not yet written are hidden by the causal mask (key index > query position). While bound,
+    `get_seq_length()` reports capacity - T so that a decoder's key length comes out as the capacity.
+    `bind(..., length=n)` returns only the first n slots instead (a prefill chunk ending at n).
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__(max_length=capacity)
+        self.position: torch.Tensor | None = None
+        self.length = capacity
+
+    def bind(self, cache_position: torch.Tensor | None, length: int | None = None) -> None:
+        """Positions (T,) the next forward pass writes; None returns to the plain growing behaviour."""
+        self.position = cache_position
+        self.length = self.max_length if length is None else length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.position is None:
+            return super().get_seq_length(layer_idx)
+        return self.length - self.position.shape[0]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position is None:
+            return super().update(layer_idx, k, v)
+        if layer_idx == len(self.keys):
+            self._allocate(layer_idx, k, self.max_length)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.position, k)  # (B, Hkv, S, D) written at positions
+        values.index_copy_(2, self.position, v)
+        if self.length == self.max_length:
+            return keys, values
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers never move (CUDA graphs then update them in place)."""
+        for t in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(t)
+
+
 def as_cache(past_key_values: object, use_cache: bool) -> KVCache | None:
     """Accept our cache, the legacy tuple format, or None (a fresh cache when use_cache)."""
     if past_key_values is None:

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -46,6 +47,8 @@ class WeightReader:
         self.files = find_weight_files(self.directory)
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for path in self.files:
             for name in self._open(path).keys():
                 self._where[name] = path
@@ -76,9 +79,31 @@ class WeightReader:
             return handle[name].dtype
         return _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
 
-    def get(self, name: str) -> torch.Tensor:
-        handle = self._open(self._where[name])
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name`, in `dtype` if given (converted in slices, never whole in another dtype).
+
+        safetensors are read with plain file reads straight into the tensor's own memory: no mapped
+        file pages stay resident, nothing is copied twice, and the result is ordinary private memory
+        (a later overwrite of the file cannot change or fault it)."""
+        path = self._where[name]
+        handle = self._open(path)
+        if isinstance(handle, dict):
+            tensor = handle[name]
+        else:
+            entry = self._header(path).get(name, {})
+            if entry.get("dtype") not in _SAFETENSORS_DTYPES:  # ints, bool, fp8: the library's own copy
+                tensor = handle.get_tensor(name)
+            else:
+                return _read_tensor(path, entry, self._data_start[path], dtype)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    def _header(self, path: Path) -> dict:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[path] = json.loads(f.read(size))
+            self._data_start[path] = 8 + size
+        return self._headers[path]
 
     def floating_dtype(self) -> torch.dtype | None:
         """dtype of the first floating-point tensor: what `dtype="auto"` falls back to."""
@@ -87,6 +112,41 @@ class WeightReader:
             if dtype is not None and dtype.is_floating_point:
                 return dtype
         return None
+
+
+_READ_CHUNK = 16 << 20  # bytes staged at a time when converting dtype while reading
+
+
+def _read_tensor(path: Path, entry: dict, data_start: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """Read one safetensors entry with file reads into fresh memory, converting dtype slice by slice."""
+    source = _SAFETENSORS_DTYPES[entry["dtype"]]
+    shape = entry["shape"]
+    begin, end = entry["data_offsets"]
+    out = torch.empty(shape, dtype=dtype or source)
+    flat = out.view(-1)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start + begin)
+        if out.dtype == source:  # straight into the result
+            _read_into(f, flat.view(torch.uint8), end - begin)
+            return out
+        per_chunk = max(1, _READ_CHUNK // source.itemsize)
+        buffer = torch.empty(min(per_chunk, flat.numel()), dtype=source)
+        for start in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - start)
+            _read_into(f, buffer[:n].view(torch.uint8), n * source.itemsize)
+            flat[start : start + n] = buffer[:n]
+    return out
+
+
+def _read_into(f: Any, dest: torch.Tensor, nbytes: int) -> None:
+    """Fill the uint8 tensor `dest` (nbytes long) from the file's current position."""
+    view = memoryview(dest.numpy()).cast("B") if nbytes else memoryview(b"")
+    done = 0
+    while done < nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"{f.name} ends early: the file is truncated")
+        done += got
 
 
 def find_weight_files(directory: Path) -> list[Path]:

@@ -309,6 +309,18 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench -------------------------------------------------------------------------------------------
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("options", nargs="*", help="passed to the benchmark, e.g. --compile, --load, --batch 1 8")
+
+
+@subcommand("bench", "decode / loading benchmark against transformers on the same random weights", _bench_arguments)
+def bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.options)
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -325,7 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `glmkit ARGS`; problems with the checkpoint or the arguments print one line and return 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to the benchmark's own parser
+        args.options = [*args.options, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (OSError, ValueError, ImportError) as err:

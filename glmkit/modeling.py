@@ -154,11 +154,8 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         names = model._match_checkpoint(reader)
         state = {}
-        for ours, theirs in names.items():
-            tensor = reader.get(theirs)
-            if tensor.is_floating_point() and tensor.dtype != target_dtype:
-                tensor = tensor.to(target_dtype)
-            state[ours] = tensor.to(device)
+        for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
+            state[ours] = reader.get(theirs, dtype=target_dtype).to(device)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)

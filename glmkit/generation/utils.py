@@ -150,6 +150,12 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if attention_mask is None:
         attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
     B = input_ids.shape[0]
+    # A few prompt tokens decoded in front keep the first new word's leading space (sentencepiece drops
+    # it when a piece is decoded alone); their own text is cut off again.
+    context = [
+        [t for t, m in zip(ids, keep) if m][-4:] for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())
+    ]
+    prefix = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else "" for c in context]
     generated: list[list[int]] = [[] for _ in range(B)]
     shown = [""] * B
     done = [False] * B
@@ -163,7 +169,12 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
             generated[row].append(tokens[row])
             chunk.token_ids[row].append(tokens[row])
             if tokenizer is not None:
-                text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                text = tokenizer.decode(context[row] + generated[row], skip_special_tokens=True)
+                text = (
+                    text[len(prefix[row]) :]
+                    if text.startswith(prefix[row])
+                    else tokenizer.decode(generated[row], skip_special_tokens=True)
+                )
                 if not text.endswith("\ufffd") or stopped[row] or last_step:
                     chunk.text[row], shown[row] = text[len(shown[row]) :], text
             if stopped[row]:
@@ -171,6 +182,13 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
             elif last_step:
                 chunk.finish_reason[row], done[row] = "length", True
         yield chunk
+
+
+def _steps_taken(all_finished: list[torch.Tensor]) -> int:
+    """Steps up to the first at which every row had finished (one host sync): the fast path may run a
+    few all-pad steps past it, the plain path never does."""
+    done = torch.stack(all_finished)
+    return int(done.int().argmax()) + 1 if bool(done.any()) else len(all_finished)
 
 
 class GenerationMixin:
@@ -188,7 +206,10 @@ class GenerationMixin:
     ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Greedy or sampled decoding. Returns prompt + new tokens (finished rows padded with
         pad_token_id), or a GenerateDecoderOnlyOutput when return_dict_in_generate=True."""
-        kwargs.pop("token_type_ids", None)  # tokenizer output that decoder-only models ignore
+        for ignored in ("token_type_ids", "position_ids"):  # tokenizer outputs; positions come from the mask
+            kwargs.pop(ignored, None)
+        compile_step = kwargs.pop("compile", False)  # True, or a dict of torch.compile arguments
+        static = kwargs.pop("cache_implementation", None) == "static" or bool(compile_step)
         inputs = kwargs.pop("inputs", None)
         input_ids = inputs if input_ids is None else input_ids
         known = set(DEFAULTS) | set(vars(generation_config or getattr(self, "generation_config", GenerationConfig())))
@@ -218,9 +239,17 @@ class GenerationMixin:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        new_tokens, scores, logits = [], [], []
-        for step in decode_steps(self, input_ids, attention_mask, plan):
+        if static:  # the fast path: static cache, fixed-shape (optionally compiled) steps
+            from .fast import CHECK_EVERY, static_decode_steps  # fast imports this module
+
+            every = 1 if streamer is not None else CHECK_EVERY  # a streamer must not see all-pad steps
+            steps = static_decode_steps(self, input_ids, attention_mask, plan, compile_step, every)
+        else:
+            steps = decode_steps(self, input_ids, attention_mask, plan)
+        new_tokens, scores, logits, finished = [], [], [], []
+        for step in steps:
             new_tokens.append(step.tokens)
+            finished.append(step.finished.all())
             if config.output_scores:
                 scores.append(step.scores)
             if config.output_logits:
@@ -229,6 +258,8 @@ class GenerationMixin:
                 streamer.put(step.tokens.cpu())
         if streamer is not None:
             streamer.end()
+        n = _steps_taken(finished)
+        new_tokens, scores, logits = new_tokens[:n], scores[:n], logits[:n]
         sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
         if not config.return_dict_in_generate:
             return sequences

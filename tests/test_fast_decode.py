@@ -1,0 +1,167 @@
+"""The fast decode path (static cache, fixed-shape steps, torch.compile) gives the plain path's tokens."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import transformers
+from conftest import scale_weights
+
+from glmkit.cache import StaticKVCache
+from glmkit.generation import fast
+
+VOCAB = 96
+FAMILIES = {
+    "glm": ("GlmConfig", "GlmForCausalLM", "glmkit.models.glm", dict(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=16, pad_token_id=0, eos_token_id=1,
+    )),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", "glmkit.models.xglm", dict(
+        d_model=48, ffn_dim=80, num_layers=2, attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        dropout=0.0, attention_dropout=0.0,
+    )),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", "glmkit.models.persimmon", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2,
+    )),
+}  # fmt: skip
+STATIC = dict(cache_implementation="static")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(reference model, glmkit model) with the same weights, loaded through the real loader."""
+    config_name, model_name, module_name, kwargs = FAMILIES[request.param]
+    torch.manual_seed(0)
+    ref = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)).eval()
+    scale_weights(ref, factor=6.0)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    return ref, getattr(importlib.import_module(module_name), model_name).from_pretrained(path)
+
+
+def prompts(batch, length=9, seed=3):
+    """Random prompts; row i (of 8) is left-padded by i % 4 tokens."""
+    ids = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        pad = row % 4
+        mask[row, :pad], ids[row, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_identical_to_plain_and_reference(pair, batch):
+    ref, ours = pair
+    ids, mask = prompts(batch)
+    kwargs = dict(max_new_tokens=16, eos_token_id=None)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, **kwargs)
+    plain = ours.generate(ids, attention_mask=mask, **kwargs)
+    static = ours.generate(ids, attention_mask=mask, **kwargs, **STATIC)
+    assert torch.equal(plain, want)
+    assert torch.equal(static, want)
+
+
+def test_eos_stopping_trimmed_like_plain(pair):
+    """Rows stop at different steps; the fast path checks only every CHECK_EVERY steps but returns the
+    plain path's sequences (same length, same padding)."""
+    ours = pair[1]
+    ids, mask = prompts(3)
+    free = ours.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None)[:, ids.shape[1] :]
+    for eos in ([int(free[0, 2]), int(free[1, 4]), int(free[2, 5])], [int(free[0, 12])]):
+        kwargs = dict(max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+        plain = ours.generate(ids, attention_mask=mask, **kwargs)
+        static = ours.generate(ids, attention_mask=mask, **kwargs, **STATIC)
+        assert static.shape == plain.shape and torch.equal(static, plain)
+
+
+def test_processors_scores_and_sampling_like_plain(pair):
+    ours = pair[1]
+    ids, mask = prompts(2)
+    kwargs = dict(max_new_tokens=10, eos_token_id=None, repetition_penalty=1.3, return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)  # fmt: skip
+    plain = ours.generate(ids, attention_mask=mask, **kwargs)
+    static = ours.generate(ids, attention_mask=mask, **kwargs, **STATIC)
+    assert torch.equal(static.sequences, plain.sequences)
+    assert len(static.scores) == len(plain.scores) == 10
+    for a, b in zip(static.scores + static.logits, plain.scores + plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    sampled = []
+    for extra in ({}, STATIC):
+        torch.manual_seed(7)
+        sampled.append(ours.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=12,
+                                     eos_token_id=None, **extra))  # fmt: skip
+    assert torch.equal(sampled[0], sampled[1])
+
+
+def test_static_cache_forward_matches_growing_cache(pair):
+    """One decode step on the whole static buffer gives the logits of the plain cached forward."""
+    ours = pair[1]
+    ids, mask = prompts(2)
+    P = ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    full_mask = torch.cat([mask, torch.ones(2, 128 - P, dtype=mask.dtype)], dim=1)
+    cache = StaticKVCache(128)
+    with torch.no_grad():
+        fast.forward_step(ours, cache, ids[:, :-1], positions[:, :-1], torch.arange(P - 1), full_mask)
+        got = fast.forward_step(ours, cache, ids[:, -1:], positions[:, -1:], torch.tensor([P - 1]), full_mask)
+        want = ours(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    assert cache.keys[0].shape[2] == 128
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_is_one_graph_reused_across_lengths(pair):
+    """The decode step captures whole (fullgraph) and one graph serves every prompt length and
+    max_new_tokens of a capacity bucket. (The "eager" backend checks capture without a C++ build.)"""
+    ours = pair[1]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    options = {"backend": backend, "fullgraph": True}
+    for length, new in ((9, 12), (7, 20)):
+        ids, mask = prompts(2, length=length)
+        plain = ours.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None, compile=options)
+        assert torch.equal(got, plain)
+    assert len(graphs) == 1
+
+
+def test_compile_failure_falls_back_to_eager(pair):
+    ours = pair[1]
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    ids, mask = prompts(1)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None,
+                            compile={"backend": broken})  # fmt: skip
+    assert torch.equal(got, plain)
+
+
+@pytest.mark.slow
+def test_inductor_compile_on_cpu(pair):
+    """The real compiled mode (inductor C++ kernels): ~1 minute of compiling per family on 2 cores."""
+    ours = pair[1]
+    ids, mask = prompts(8)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, compile=True),
+                       plain)  # fmt: skip
+
+
+def test_bucket():
+    assert [fast.bucket(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
+
+
+def test_compile_options():
+    cpu, gpu = fast.compile_options(None, cuda=False), fast.compile_options(None, cuda=True)
+    assert cpu == {"dynamic": False, "options": {"emulate_precision_casts": True}}
+    assert gpu["options"] == {"emulate_precision_casts": True, "triton.cudagraphs": True}  # = "reduce-overhead"
+    assert fast.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
