@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..cache import StaticKVCache
-from .utils import Plan, Step
+from .utils import Plan, Step, choose_tokens
 
 CAPACITY_BUCKET = 128  # cache capacity granularity: bounds the number of compiled decode graphs
 CHECK_EVERY = 8  # decode steps between host syncs for "all rows finished"
@@ -140,23 +140,9 @@ def static_decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: tor
     slot = torch.tensor([P], device=dev)  # (1,) the cache slot of the token being fed
     eos = torch.tensor(plan.eos, device=dev) if plan.eos else None
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    no_stop = torch.zeros_like(finished)
     for step in range(plan.max_new_tokens):
         cur = P + step
-        scores = logits
-        for processor in plan.processors:
-            scores = processor(ids[:, :cur], scores)
-        if plan.config.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
-        if eos is not None and plan.pad is not None:
-            tokens = torch.where(finished, plan.pad, tokens)
-        ids[:, cur] = tokens
-        stopped = torch.isin(tokens, eos) if eos is not None else no_stop
-        if plan.stop_strings is not None:  # needs the text: a host round trip by nature
-            rows = ids[:, : cur + 1].tolist()
-            stopped = stopped | torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=dev)
+        tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
         yield Step(tokens, logits, scores, finished, stopped_now)

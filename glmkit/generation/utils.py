@@ -81,6 +81,27 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
     return Plan(config, eos, pad, max(1, max_new), build_processors(config, prompt_length, eos), stop)
 
 
+def choose_tokens(plan: Plan, ids: torch.Tensor, cur: int, logits: torch.Tensor, finished: torch.Tensor,
+                  eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One step's choice for every row: run the processors on ids[:, :cur], pick greedily or sample,
+    pad rows already finished, write the tokens at `cur`. Returns (tokens, scores, stopped)."""
+    scores = logits
+    for processor in plan.processors:
+        scores = processor(ids[:, :cur], scores)
+    if plan.config.do_sample:
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        tokens = torch.argmax(scores, dim=-1)
+    if eos is not None and plan.pad is not None:
+        tokens = torch.where(finished, plan.pad, tokens)
+    ids[:, cur] = tokens
+    stopped = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(finished)
+    if plan.stop_strings is not None:  # needs the text: a host round trip by nature
+        rows = ids[:, : cur + 1].tolist()
+        stopped = stopped | torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=ids.device)
+    return tokens, scores, stopped
+
+
 @torch.no_grad()
 def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
                  prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Step]:  # fmt: skip
@@ -103,20 +124,7 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     for step in range(plan.max_new_tokens):
         cur = P + step
         logits = out.logits[:, -1].float()
-        scores = logits
-        for processor in plan.processors:
-            scores = processor(ids[:, :cur], scores)
-        if plan.config.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
-        if eos is not None and plan.pad is not None:
-            tokens = torch.where(finished, plan.pad, tokens)
-        ids[:, cur] = tokens
-        stopped = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(finished)
-        if plan.stop_strings is not None:
-            rows = ids[:, : cur + 1].tolist()
-            stopped |= torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=ids.device)
+        tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
         yield Step(tokens, logits, scores, finished, stopped_now)
