@@ -49,6 +49,7 @@ class WeightReader:
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, dict] = {}
         self._data_start: dict[Path, int] = {}
+        self._staging: torch.Tensor | None = None  # one conversion buffer for every read (no heap churn)
         for path in self.files:
             for name in self._open(path).keys():
                 self._where[name] = path
@@ -94,8 +95,18 @@ class WeightReader:
             if entry.get("dtype") not in _SAFETENSORS_DTYPES:  # ints, bool, fp8: the library's own copy
                 tensor = handle.get_tensor(name)
             else:
-                return _read_tensor(path, entry, self._data_start[path], dtype)
+                begin, end = entry["data_offsets"]
+                return _read_tensor(path, entry, self._data_start[path], dtype, self._staging_for(end - begin))
         return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    def _staging_for(self, nbytes: int) -> torch.Tensor:
+        """The reader's one dtype-conversion buffer (uint8), grown to min(nbytes, _READ_CHUNK) if smaller:
+        reused for every tensor, so no freed staging buffers fragment the heap (raising the peak)."""
+        size = min(_READ_CHUNK, nbytes)
+        if self._staging is None or self._staging.numel() < size:
+            self._staging = None  # free the smaller one first
+            self._staging = torch.empty(size, dtype=torch.uint8)
+        return self._staging
 
     def _header(self, path: Path) -> dict:
         if path not in self._headers:
@@ -114,11 +125,13 @@ class WeightReader:
         return None
 
 
-_READ_CHUNK = 16 << 20  # bytes staged at a time when converting dtype while reading
+_READ_CHUNK = 4 << 20  # bytes staged at a time when converting dtype while reading
 
 
-def _read_tensor(path: Path, entry: dict, data_start: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """Read one safetensors entry with file reads into fresh memory, converting dtype slice by slice."""
+def _read_tensor(path: Path, entry: dict, data_start: int, dtype: torch.dtype | None,
+                 staging: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Read one safetensors entry with file reads into fresh memory, converting dtype slice by slice
+    through the uint8 buffer `staging`."""
     source = _SAFETENSORS_DTYPES[entry["dtype"]]
     shape = entry["shape"]
     begin, end = entry["data_offsets"]
@@ -129,8 +142,8 @@ def _read_tensor(path: Path, entry: dict, data_start: int, dtype: torch.dtype | 
         if out.dtype == source:  # straight into the result
             _read_into(f, flat.view(torch.uint8), end - begin)
             return out
-        per_chunk = max(1, _READ_CHUNK // source.itemsize)
-        buffer = torch.empty(min(per_chunk, flat.numel()), dtype=source)
+        per_chunk = max(1, staging.numel() // source.itemsize)
+        buffer = staging[: per_chunk * source.itemsize].view(source)
         for start in range(0, flat.numel(), per_chunk):
             n = min(per_chunk, flat.numel() - start)
             _read_into(f, buffer[:n].view(torch.uint8), n * source.itemsize)

@@ -162,6 +162,23 @@ def test_bucket():
 
 def test_compile_options():
     cpu, gpu = fast.compile_options(None, cuda=False), fast.compile_options(None, cuda=True)
-    assert cpu == {"dynamic": False, "options": {"emulate_precision_casts": True}}
-    assert gpu["options"] == {"emulate_precision_casts": True, "triton.cudagraphs": True}  # = "reduce-overhead"
+    plain = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False}
+    assert cpu == {"dynamic": False, "options": plain}
+    assert gpu["options"] == {**plain, "triton.cudagraphs": True}  # CUDA graphs = what "reduce-overhead" sets
     assert fast.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (16, 1)])
+def test_compiled_single_query_attention_equals_sdpa(heads, kv_heads):
+    """Under torch.compile a one-token query takes the matmul form (fusable); it must equal eager sdpa,
+    padding mask and grouped K/V heads included."""
+    from glmkit.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, heads, 1, 16), torch.randn(3, kv_heads, 20, 16), torch.randn(3, kv_heads, 20, 16)
+    mask = torch.ones(3, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., :5] = False  # a left-padded row
+    mask[2, ..., 12:] = False  # slots not yet written
+    eager, _ = attention(q, k, v, mask, scale=0.25)
+    compiled, _ = torch.compile(attention, backend="eager", fullgraph=True)(q, k, v, mask, scale=0.25)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

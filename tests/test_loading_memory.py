@@ -18,6 +18,7 @@ from glmkit.checkpoint import WeightReader
 
 CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1)  # fmt: skip
+XGLM_CONFIG = dict(vocab_size=512, d_model=64, ffn_dim=96, num_layers=2, attention_heads=4, pad_token_id=1)
 
 
 class Float32Watch(TorchDispatchMode):
@@ -84,29 +85,36 @@ CHILD = """
 import json, sys, torch, glmkit
 def kb(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1])
-glmkit.GlmForCausalLM.from_pretrained(sys.argv[2], dtype="auto")  # one-time imports and set-up: not loading
+glmkit.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=sys.argv[3])  # one-time set-up: not loading
 base = kb("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
-model = glmkit.GlmForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
+model = glmkit.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[3])
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"peak": (kb("VmHWM") - base) * 1024, "weights": weights}))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak")
-def test_peak_resident_memory_near_weight_bytes(tmp_path):
-    """Load a ~40 MB bf16 checkpoint in a fresh process: peak RSS growth <= 1.15 x the weights' bytes."""
-    config = glmkit.GlmConfig(**{**CONFIG, "vocab_size": 32768, "hidden_size": 256, "intermediate_size": 1024,
-                                 "num_hidden_layers": 4})  # fmt: skip
+@pytest.mark.parametrize("family, saved, loaded", [("glm", torch.bfloat16, "auto"),
+                                                   ("xglm", torch.float32, "bfloat16")])  # fmt: skip
+def test_peak_resident_memory_near_weight_bytes(tmp_path, family, saved, loaded):
+    """Load a 40-170 MB checkpoint (as is, or fp32 converted to bf16 while reading) in a fresh process: peak RSS
+    growth <= 1.15 x the loaded weights' bytes."""
+    if family == "glm":
+        make = lambda **kw: glmkit.GlmForCausalLM(glmkit.GlmConfig(**{**CONFIG, **kw}))
+        big = dict(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    else:
+        make = lambda **kw: glmkit.XGLMForCausalLM(glmkit.XGLMConfig(**{**XGLM_CONFIG, **kw}))
+        big = dict(vocab_size=32768, d_model=1024, ffn_dim=4096, num_layers=4)  # a 134 MB fp32 embedding
     with torch.device("meta"):
-        model = glmkit.GlmForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+        model = make(**big)
+    model = model.to_empty(device="cpu").to(saved)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     model.save_pretrained(tmp_path / "big")
-    glmkit.GlmForCausalLM(glmkit.GlmConfig(**CONFIG)).to(torch.bfloat16).save_pretrained(tmp_path / "small")
+    make().to(saved).save_pretrained(tmp_path / "small")
     root = str(Path(glmkit.__file__).resolve().parents[1])
-    args = [sys.executable, "-c", CHILD, str(tmp_path / "big"), str(tmp_path / "small")]
+    args = [sys.executable, "-c", CHILD, str(tmp_path / "big"), str(tmp_path / "small"), loaded]
     out = subprocess.run(args, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root})  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])

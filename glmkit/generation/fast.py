@@ -71,10 +71,13 @@ def forward_step(model: Any, cache: StaticKVCache, tokens: torch.Tensor, positio
 def compile_options(options: dict[str, Any] | None, cuda: bool) -> dict[str, Any]:
     """torch.compile arguments: the caller's, else inductor with CUDA graphs on GPU (what mode
     "reduce-overhead" sets) and `emulate_precision_casts`, which rounds bf16/fp16 intermediates where eager
-    does: without it the fused kernels keep them in fp32 and greedy bf16 tokens drift from the eager path's."""
+    does: without it the fused kernels keep them in fp32 and greedy bf16 tokens drift from the eager path's.
+    The per-call stride checks are dropped: the step's inputs are built here, and on CPU the checks cost
+    about as much as the small fused kernels."""
     options = dict(options or {})
     if not {"mode", "options", "backend"} & set(options):
-        options["options"] = {"emulate_precision_casts": True, **({"triton.cudagraphs": True} if cuda else {})}
+        options["options"] = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
+                              **({"triton.cudagraphs": True} if cuda else {})}  # fmt: skip
     return {"dynamic": False, **options}
 
 
