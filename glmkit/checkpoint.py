@@ -262,6 +262,15 @@ def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dic
         yield shard
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, leaving the file with the permissions any other written file gets
+    (save_file creates it 0600, unreadable to the group a checkpoint is often shared with)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> None:
@@ -273,12 +282,12 @@ def save_state_dict(
     tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
     shards = list(_shards(tensors, parse_size(max_shard_size)))
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
+        _save_file(shards[0], directory / SAFE_WEIGHTS)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        _save_file(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

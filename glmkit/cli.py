@@ -51,7 +51,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("convert", "write a checkpoint (e.g. an original THUDM GLM-4 release) in the HF layout", _convert_arguments)
 def convert(args: argparse.Namespace) -> int:
     """Load through glmkit's own loader (which reads the original layouts) and save the HF layout, with the
-    tokenizer files beside it; remote code (.py) is never copied."""
+    tokenizer files beside it (the original GLM-4 vocabulary also converted to tokenizer.json); remote code
+    (.py) is never copied."""
     from .auto import AutoModelForCausalLM
     from .hub import is_tokenizer_file, resolve_checkpoint_dir
 
@@ -73,6 +74,13 @@ def convert(args: argparse.Namespace) -> int:
             copied.append(file.name)
     print(f"wrote {type(model).__name__} ({model.config.model_type}, {model.dtype}) to {out}")
     print(f"tokenizer files: {', '.join(copied) if copied else 'none found'}")
+    if "tokenizer.model" in copied and not (src / "tokenizer.json").is_file():
+        from .tokenization import AutoTokenizer, ChatGLM4Tokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        if isinstance(tokenizer, ChatGLM4Tokenizer):  # the -hf layout: tokenizer.json, loadable without code
+            tokenizer.to_fast().save_pretrained(out)
+            print("wrote tokenizer.json (converted from the tiktoken-format tokenizer.model)")
     return 0
 
 
@@ -148,6 +156,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int, help="torch.manual_seed before generating (reproducible sampling)")
+    parser.add_argument("--compile", action="store_true",
+                        help="static KV cache + torch.compile'd decode step (CUDA graphs on GPU); the first "
+                             "reply pays the compile time")  # fmt: skip
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -162,6 +173,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.compile:
+        options["compile"] = True
     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)

@@ -1695,6 +1695,66 @@ class ChatGLM4Tokenizer(SlowTokenizer):
     def _from_dir(cls, directory: Path, init: dict[str, Any]) -> Tokenizer:
         return cls(directory / cls.vocab_file_name, **init)
 
+    def to_fast(self) -> FastTokenizer:
+        """The same tokenizer as a tokenizer.json one (the `-hf` release layout, which transformers loads
+        without remote code): byte-level BPE whose merges are read off the ranks, so that it merges
+        exactly as tiktoken does (the lowest-ranked adjacent pair first); specials keep their ids."""
+        from tokenizers import AddedToken as _BackendToken
+        from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as _Backend
+
+        as_str = _byte_level_str
+        merges = []  # every split of a token into two vocabulary tokens, prioritised by the token's rank
+        for token, rank in self.ranks.items():
+            splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+            splits = [(a, b) for a, b in splits if a in self.ranks and b in self.ranks]
+            merges += [(rank, self.ranks[a], self.ranks[b], as_str(a), as_str(b)) for a, b in splits]
+        merges.sort()
+        vocab = {as_str(t): r for t, r in self.ranks.items()}
+        backend = _Backend(models.BPE(vocab, [(a, b) for *_, a, b in merges], ignore_merges=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])  # fmt: skip
+        backend.decoder = decoders.ByteLevel()
+        added = sorted(self.added_tokens_decoder.items())
+        if [i for i, _ in added] != list(range(len(self.ranks), len(self.ranks) + len(added))):
+            raise ValueError("to_fast needs the added tokens to follow the ranks without gaps")
+        backend.add_special_tokens([_BackendToken(str(t), special=True, normalized=False) for _, t in added])
+        gmask, sop = self._prefix_ids()
+        backend.post_processor = processors.TemplateProcessing(
+            single="[gMASK]:0 <sop>:0 $A:0", pair="[gMASK]:0 <sop>:0 $A:0 $B:1",
+            special_tokens=[("[gMASK]", gmask), ("<sop>", sop)],
+        )  # fmt: skip
+        roles = {role: str(tok) for role, tok in self._special.items() if tok is not None}
+        return FastTokenizer(
+            tokenizer_object=backend, **roles, additional_special_tokens=[str(t) for t in self._additional],
+            padding_side=self.padding_side, model_input_names=["input_ids", "attention_mask"],
+            clean_up_tokenization_spaces=False, model_max_length=self.model_max_length,
+            chat_template=self.chat_template or self.default_chat_template,
+        )  # fmt: skip
+
+
+def _byte_level_str(data: bytes) -> str:
+    """Bytes as the byte-level BPE alphabet spells them (GPT-2 convention, used by tokenizer.json files):
+    printable Latin-1 bytes stand for themselves, the other 68 bytes map to U+0100 onwards, in order."""
+    return "".join(_BYTE_LEVEL[b] for b in data)
+
+
+def _byte_level_alphabet() -> list[str]:
+    visible = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    out, extra = [], 0
+    for b in range(256):
+        if b in visible:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     """Parse `base64-token rank` lines."""

@@ -146,6 +146,32 @@ def test_compile_failure_falls_back_to_eager(pair):
     assert torch.equal(got, plain)
 
 
+def test_stream_on_the_fast_path_like_plain(pair):
+    """`stream(..., compile=...)` / static cache: the same token ids and finish reasons per step as the plain
+    stream, rows stopping at different steps included."""
+    ours = pair[1]
+    ids, mask = prompts(3)
+    free = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[:, ids.shape[1] :]
+    kwargs = dict(max_new_tokens=12, eos_token_id=[int(free[0, 3]), int(free[2, 6])], pad_token_id=0)
+
+    def chunks(**extra):
+        return [(c.token_ids, c.finish_reason) for c in ours.stream(ids, attention_mask=mask, **kwargs, **extra)]
+
+    plain = chunks()
+    assert any("stop" in reasons for _, reasons in plain)
+    assert chunks(**STATIC) == plain
+    assert chunks(compile={"backend": "eager"}) == plain
+
+
+def test_fast_path_arguments_checked_and_beam_warns(pair):
+    ours = pair[1]
+    ids, mask = prompts(1)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        ours.generate(ids, max_new_tokens=2, cache_implementation="paged")
+    with pytest.warns(UserWarning, match="beam search runs on the plain"):
+        ours.generate(ids, max_new_tokens=2, num_beams=2, compile=True)
+
+
 @pytest.mark.slow
 def test_inductor_compile_on_cpu(pair):
     """The real compiled mode (inductor C++ kernels): ~1 minute of compiling per family on 2 cores."""

@@ -184,3 +184,21 @@ def test_meta_build_loads_with_no_random_init(ckpt, monkeypatch):
     assert set(calls) <= {"meta"}  # module constructors may init on meta: free
     GlmForCausalLM(GlmConfig(**TINY))  # a model built from a config is initialised
     assert "cpu" in calls
+
+
+def test_saved_weights_get_ordinary_file_permissions(tmp_path):
+    """save_pretrained's weight files follow the umask like config.json (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        model = GlmForCausalLM(GlmConfig(**TINY))
+        model.save_pretrained(tmp_path / "one")
+        model.save_pretrained(tmp_path / "sharded", max_shard_size=20_000)
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "one").iterdir(), *(tmp_path / "sharded").glob("*.safetensors")]
+    assert len(files) > 4
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,26 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                     past_key_values=cache, use_cache=True)  # fmt: skip
 
 
+def select_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
+                 fast: dict[str, Any], check_every: int | None = None) -> Iterator[Step]:  # fmt: skip
+    """The plain `decode_steps`, or the static-cache path when `fast` (the `compile` and
+    `cache_implementation` arguments popped from a call) asks for it."""
+    compile_step = fast.get("compile", False)  # True, or a dict of torch.compile arguments
+    if fast.get("cache_implementation") != "static" and not compile_step:
+        return decode_steps(model, input_ids, attention_mask, plan)
+    from .fast import CHECK_EVERY, static_decode_steps  # fast imports this module
+
+    return static_decode_steps(model, input_ids, attention_mask, plan, compile_step, check_every or CHECK_EVERY)
+
+
+def _pop_fast(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the fast-path arguments out of a generate / stream call, checked."""
+    fast = {name: kwargs.pop(name) for name in ("compile", "cache_implementation") if name in kwargs}
+    if fast.get("cache_implementation") not in (None, "static", "dynamic"):
+        raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {fast['cache_implementation']!r}")
+    return fast
+
+
 def _default_attention_mask(input_ids: torch.Tensor, pad: int | None, eos: Sequence[int]) -> torch.Tensor:
     """As the reference: mask out pad tokens when the pad id is not also an EOS id."""
     if pad is not None and pad not in eos and bool((input_ids == pad).any()):
@@ -153,7 +174,9 @@ class StreamChunk:
 def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, tokenizer: Any = None,
            generation_config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[StreamChunk]:  # fmt: skip
     """Yield a StreamChunk per decoding step. Text deltas never split a multi-byte character; a row
-    that stops reports "stop" (EOS or stop string), one cut off by the length limit reports "length"."""
+    that stops reports "stop" (EOS or stop string), one cut off by the length limit reports "length".
+    `compile=True` / `cache_implementation="static"` take the fast path, as in `generate`."""
+    fast = _pop_fast(kwargs)
     plan = plan_generation(model, input_ids.shape[1], generation_config, tokenizer, **kwargs)
     if attention_mask is None:
         attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
@@ -167,7 +190,8 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     generated: list[list[int]] = [[] for _ in range(B)]
     shown = [""] * B
     done = [False] * B
-    for steps, step in enumerate(decode_steps(model, input_ids, attention_mask, plan), 1):
+    # every step is synced here anyway (text needs the ids), so the fast path checks "all finished" each step
+    for steps, step in enumerate(select_steps(model, input_ids, attention_mask, plan, fast, check_every=1), 1):
         tokens, stopped = step.tokens.tolist(), step.stopped_now.tolist()
         chunk = StreamChunk([[] for _ in range(B)], [""] * B, [None] * B)
         last_step = steps == plan.max_new_tokens or bool(step.finished.all())
@@ -216,8 +240,7 @@ class GenerationMixin:
         pad_token_id), or a GenerateDecoderOnlyOutput when return_dict_in_generate=True."""
         for ignored in ("token_type_ids", "position_ids"):  # tokenizer outputs; positions come from the mask
             kwargs.pop(ignored, None)
-        compile_step = kwargs.pop("compile", False)  # True, or a dict of torch.compile arguments
-        static = kwargs.pop("cache_implementation", None) == "static" or bool(compile_step)
+        fast = _pop_fast(kwargs)
         inputs = kwargs.pop("inputs", None)
         input_ids = inputs if input_ids is None else input_ids
         known = set(DEFAULTS) | set(vars(generation_config or getattr(self, "generation_config", GenerationConfig())))
@@ -231,6 +254,9 @@ class GenerationMixin:
         if attention_mask is None:
             attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
         if config.num_beams > 1:
+            if fast.get("compile") or fast.get("cache_implementation") == "static":
+                warnings.warn("beam search runs on the plain decode path; compile / static cache ignored",
+                              stacklevel=2)  # fmt: skip
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search")
             if plan.stop_strings is not None:
@@ -247,13 +273,8 @@ class GenerationMixin:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        if static:  # the fast path: static cache, fixed-shape (optionally compiled) steps
-            from .fast import CHECK_EVERY, static_decode_steps  # fast imports this module
-
-            every = 1 if streamer is not None else CHECK_EVERY  # a streamer must not see all-pad steps
-            steps = static_decode_steps(self, input_ids, attention_mask, plan, compile_step, every)
-        else:
-            steps = decode_steps(self, input_ids, attention_mask, plan)
+        every = 1 if streamer is not None else None  # a streamer must not see all-pad steps
+        steps = select_steps(self, input_ids, attention_mask, plan, fast, every)
         new_tokens, scores, logits, finished = [], [], [], []
         for step in steps:
             new_tokens.append(step.tokens)

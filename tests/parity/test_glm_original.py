@@ -166,10 +166,11 @@ def glmkit_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_convert_then_reference_loads_and_info(tmp_path, capsys):
-    """`glmkit convert` writes the HF layout plus tokenizer files (no code) that transformers loads unchanged."""
+    """`glmkit convert` writes the HF layout plus tokenizer files (no code, the vocabulary also as
+    tokenizer.json) that transformers loads unchanged."""
     ref = reference(num_key_value_heads=1, rope_ratio=500.0)
     src = write_chatglm(ref, tmp_path / "orig", 500.0, "sharded")
-    (src / "tokenizer.model").write_bytes(b"IQ== 0\n")
+    (src / "tokenizer.model").write_bytes(b"IQ== 0\nISE= 1\n")  # "!" and "!!"
     tokenizer_config = {"chat_template": "{{ messages }}", "auto_map": {"AutoTokenizer": ["tokenization_chatglm.X"]}}
     (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (src / "tokenization_chatglm.py").write_text("raise RuntimeError\n")
@@ -177,7 +178,11 @@ def test_cli_convert_then_reference_loads_and_info(tmp_path, capsys):
     done = glmkit_cli("convert", str(src), str(out))
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "config.json").read_text())["model_type"] == "glm"
-    assert (out / "tokenizer.model").read_bytes() == b"IQ== 0\n"
+    assert (out / "tokenizer.model").read_bytes() == b"IQ== 0\nISE= 1\n"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the converted tokenizer.json, no remote code
+    assert tokenizer("!!!")["input_ids"] == tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"]) + [1, 0]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "!"}], tokenize=False)
+    assert chat == "[{'role': 'user', 'content': '!'}]"  # the source's template, kept
     assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
     assert not list(out.glob("*.py"))
     back = transformers.GlmForCausalLM.from_pretrained(out).eval()
