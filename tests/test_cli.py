@@ -96,3 +96,45 @@ def test_generate_bundled_default():
     result = glmkit("generate", "ROMEO:", "--max-new-tokens", "20")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and len(result.stdout.strip()) > len("ROMEO:")
+
+
+def test_chat_ctrl_c_stops_the_reply_keeps_it_and_continues(checkpoint, monkeypatch, capsys):
+    """Ctrl-C during a reply prints [stopped], keeps the partial reply in the history, and the loop goes on;
+    Ctrl-C at the prompt quits cleanly. (In-process: the interrupt is raised by the stream.)"""
+    import io
+
+    from glmkit.cli import main
+    from glmkit.generation.utils import GenerationMixin
+
+    real_stream = GenerationMixin.stream
+    calls, prompts, partial = [], [], []
+
+    def stream(self, input_ids, *args, **kwargs):
+        calls.append(input_ids)
+        for i, chunk in enumerate(real_stream(self, input_ids, *args, **kwargs)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt  # the user presses Ctrl-C during the first reply
+            if len(calls) == 1:
+                partial.append(chunk.text[0])
+            yield chunk
+
+    lines = iter(["hello", "again"])
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt
+
+    monkeypatch.setattr(GenerationMixin, "stream", stream)
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[stopped]") == 1 and len(calls) == 2 and len(prompts) == 3
+    from glmkit import AutoTokenizer
+
+    second = AutoTokenizer.from_pretrained(checkpoint).decode(calls[1][0])
+    reply = "".join(partial).strip()
+    assert reply and f"<|assistant|>{reply}<|user|>again" in second  # the partial reply is in the history
