@@ -214,8 +214,10 @@ def attention(
     if mask is not None and G > 1:
         mask = mask[:, :, None].expand(B, mask.shape[1], G, T, S).reshape(B, mask.shape[1], G * T, S)
     weights = None
-    if impl == "sdpa" and T == 1 and not return_weights and torch.compiler.is_compiling():
-        impl = "eager"  # a compiled decode step: inductor fuses mask + softmax; sdpa's fixed cost would dominate
+    if impl == "sdpa" and T == 1 and G > 1 and torch.compiler.is_compiling():
+        # a compiled grouped-query decode step: G folded query rows make two real matmuls and inductor fuses
+        # mask + softmax, ~half the CPU sdpa kernel's time; with G == 1 inductor would unroll the matmuls
+        impl = "eager"
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     else:

@@ -196,8 +196,8 @@ def test_compile_options():
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (16, 1)])
 def test_compiled_single_query_attention_equals_sdpa(heads, kv_heads):
-    """Under torch.compile a one-token query takes the matmul form (fusable); it must equal eager sdpa,
-    padding mask and grouped K/V heads included."""
+    """Under torch.compile a one-token grouped query takes the matmul form (fusable); it must equal eager
+    sdpa, padding mask included."""
     from glmkit.layers import attention
 
     torch.manual_seed(0)
