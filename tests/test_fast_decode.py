@@ -172,6 +172,20 @@ def test_fast_path_arguments_checked_and_beam_warns(pair):
         ours.generate(ids, max_new_tokens=2, num_beams=2, compile=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA-graph path)")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_graphs_identical_to_plain(pair, batch):
+    """On GPU, compile=True captures CUDA graphs; replays (the second call too) give the plain path's tokens."""
+    import copy
+
+    ours = copy.deepcopy(pair[1]).cuda()
+    ids, mask = (t.cuda() for t in prompts(batch))
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    plain = ours.generate(ids, **kwargs)
+    for _ in range(2):
+        assert torch.equal(ours.generate(ids, **kwargs, compile=True), plain)
+
+
 @pytest.mark.slow
 def test_inductor_compile_on_cpu(pair):
     """The real compiled mode (inductor C++ kernels): ~1 minute of compiling per family on 2 cores."""
