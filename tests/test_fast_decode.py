@@ -132,6 +132,37 @@ def test_compiled_step_is_one_graph_reused_across_lengths(pair):
     assert len(graphs) == 1
 
 
+def test_model_changes_recompile_though_model_guards_are_skipped(pair):
+    """The default options skip dynamo's guards on the model (host time per step); a changed model (weights
+    replaced, dtype, config) must then get a fresh graph rather than reuse a stale one."""
+    import copy
+
+    ours = copy.deepcopy(pair[1])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    options = {"backend": backend, "options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+    ids, mask = prompts(2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+
+    def check(expected_graphs):
+        assert torch.equal(ours.generate(ids, **kwargs, compile=options), ours.generate(ids, **kwargs))
+        assert len(graphs) == expected_graphs
+
+    check(1)
+    check(1)  # unchanged: reused
+    head = ours.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().flip(0))  # weights replaced (new tensor)
+    check(2)
+    ours.to(torch.float64)
+    check(3)
+    ours.config.output_hidden_states = True
+    check(4)
+
+
 def test_compile_failure_falls_back_to_eager(pair):
     ours = pair[1]
 
@@ -202,7 +233,8 @@ def test_bucket():
 
 def test_compile_options():
     cpu, gpu = fast.compile_options(None, cuda=False), fast.compile_options(None, cuda=True)
-    plain = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False}
+    plain = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
+             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}  # fmt: skip
     assert cpu == {"dynamic": False, "options": plain}
     assert gpu["options"] == {**plain, "triton.cudagraphs": True}  # CUDA graphs = what "reduce-overhead" sets
     assert fast.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
