@@ -4,6 +4,7 @@
     python benchmarks/decode.py --dtype bf16 --family glm
     python benchmarks/decode.py --device cuda --dtype bf16   # GLM-4-9B / Persimmon-8B / xglm-564M shapes
     python benchmarks/decode.py --load                   # peak RSS and time while loading a checkpoint
+    python benchmarks/decode.py --deep --compile --batch 1   # 40 narrow layers: host overhead dominates
 
 Both models share one set of weight tensors (glmkit's parameter names are the checkpoint's, so the
 reference's state dict assigns straight in). Each repeat runs every implementation once, alternating, so
@@ -44,6 +45,15 @@ CPU_SHAPES = {
                       num_attention_heads=16, **TOKENS),
     "xglm": dict(vocab_size=32768, d_model=1024, ffn_dim=4096, num_layers=8, attention_heads=16,
                  dropout=0.0, attention_dropout=0.0, **TOKENS),
+}  # fmt: skip
+# --deep: GLM-4-9B's 40 layers at width 256 (120-150 MB read per fp32 step): host time per layer dominates, as
+# for small models and on fast GPUs
+DEEP_SHAPES = {
+    "glm": dict(CPU_SHAPES["glm"], hidden_size=256, intermediate_size=704, num_hidden_layers=40,
+                num_attention_heads=4, head_dim=64, vocab_size=8192),
+    "persimmon": dict(CPU_SHAPES["persimmon"], hidden_size=256, intermediate_size=1024, num_hidden_layers=40,
+                      num_attention_heads=4, vocab_size=8192),
+    "xglm": dict(CPU_SHAPES["xglm"], d_model=256, ffn_dim=1024, num_layers=40, attention_heads=4, vocab_size=8192),
 }  # fmt: skip
 # GPU: the real GLM-4-9B, Persimmon-8B and xglm-564M shapes (the reference configs' defaults)
 GPU_SHAPES = {"glm": {}, "persimmon": {}, "xglm": dict(dropout=0.0, attention_dropout=0.0)}
@@ -123,7 +133,7 @@ def step_bytes(model: Any, batch: int, context: int) -> int:
 
 def run_family(family: str, args: argparse.Namespace, device: torch.device, bw: list[float]) -> list[dict]:
     """Time every implementation, alternating; bandwidth is re-measured each repeat (appended to bw)."""
-    shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[family]
+    shape = (DEEP_SHAPES if args.deep else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[family]
     dtype = DTYPES[args.dtype]
     ref, ours = build_pair(family, shape, dtype, device)
     impls = {
@@ -240,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     parser.add_argument("--load", action="store_true", help="measure checkpoint loading instead")
+    parser.add_argument("--deep", action="store_true", help="40 narrow layers: the host-overhead-bound regime")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--load-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
