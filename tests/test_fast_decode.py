@@ -163,6 +163,24 @@ def test_model_changes_recompile_though_model_guards_are_skipped(pair):
     check(4)
 
 
+def test_many_shapes_stay_compiled():
+    """One graph per (batch, capacity bucket): a chat whose history grows, or many batch sizes, needs more
+    than dynamo's default 8 graphs per function; none may silently fall back to eager."""
+    from glmkit import GlmConfig, GlmForCausalLM
+
+    ours = GlmForCausalLM(GlmConfig(vocab_size=VOCAB, **{**FAMILIES["glm"][3], "num_hidden_layers": 1})).eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for batch in range(1, 11):
+        ids, mask = prompts(batch)
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=None, compile={"backend": backend})
+    assert len(graphs) == 10  # dynamo alone stops at 8
+
+
 def test_compile_failure_falls_back_to_eager(pair):
     ours = pair[1]
 

@@ -32,6 +32,9 @@ from .utils import Plan, Step, choose_tokens
 
 CAPACITY_BUCKET = 128  # cache capacity granularity: bounds the number of compiled decode graphs
 CHECK_EVERY = 8  # decode steps between host syncs for "all rows finished"
+MAX_GRAPHS = 64  # compiled graphs kept per model ((batch, bucket) pairs); dynamo's default of 8 falls back to
+# eager once a chat's history has grown by 8 buckets
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options: (signature, step)}
 
@@ -126,7 +129,8 @@ class _Stepper:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                logits = self.compiled(self.model, *args)
+                with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                    logits = self.compiled(self.model, *args)
                 return logits.clone() if self.on_gpu else logits  # CUDA graph outputs are overwritten
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly",
