@@ -183,6 +183,9 @@ def build_attention_mask(
     return mask
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +217,7 @@ def attention(
     if mask is not None and G > 1:
         mask = mask[:, :, None].expand(B, mask.shape[1], G, T, S).reshape(B, mask.shape[1], G * T, S)
     weights = None
-    if impl == "sdpa" and T == 1 and G > 1 and torch.compiler.is_compiling():
+    if impl == "sdpa" and T == 1 and G > 1 and _is_compiling():
         # a compiled grouped-query decode step: G folded query rows make two real matmuls and inductor fuses
         # mask + softmax, ~half the CPU sdpa kernel's time; with G == 1 inductor would unroll the matmuls
         impl = "eager"
