@@ -181,6 +181,29 @@ def test_many_shapes_stay_compiled():
     assert len(graphs) == 10  # dynamo alone stops at 8
 
 
+def test_dynamic_rope_past_the_limit_on_the_fast_path():
+    """Dynamic RoPE scaling (a host-side length check, a graph break under compile) gives the plain path's
+    tokens and logits on the static and the compiled path while decoding past max_position_embeddings."""
+    from glmkit import PersimmonConfig, PersimmonForCausalLM
+
+    torch.manual_seed(0)
+    config = PersimmonConfig(vocab_size=VOCAB, **{**FAMILIES["persimmon"][3], "max_position_embeddings": 16},
+                             rope_scaling={"type": "dynamic", "factor": 2.0})  # fmt: skip
+    ours = PersimmonForCausalLM(config).eval()
+    scale_weights(ours, factor=6.0)
+    ids, mask = prompts(2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=None,  # 9 + 20 positions > 16
+                  return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    plain = ours.generate(ids, **kwargs)
+    for fast_path in (STATIC, {"compile": {"backend": "eager"}}):
+        got = ours.generate(ids, **kwargs, **fast_path)
+        assert torch.equal(got.sequences, plain.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
+    ours.model.rotary_emb.scaling_type = "default"  # the scaling does change these logits
+    unscaled = ours.generate(ids, **kwargs)
+    assert not torch.allclose(torch.stack(unscaled.logits)[-1], torch.stack(plain.logits)[-1], atol=1e-2)
+
+
 def test_compile_failure_falls_back_to_eager(pair):
     ours = pair[1]
 
