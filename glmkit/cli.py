@@ -168,6 +168,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     hub = hub_options(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    if args.compile:
+        print("(--compile: the first reply, and the first past each 128 more tokens, waits for a compile)",
+              file=sys.stderr)  # fmt: skip
     return model, tokenizer
 
 
