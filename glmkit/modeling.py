@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache, as_cache
+from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
 from .config import PretrainedConfig
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
-from .layers import RMSNorm
+from .layers import RMSNorm, build_attention_mask
+from .outputs import BaseModelOutputWithPast, ModelOutput
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -86,7 +87,11 @@ class PreTrainedModel(nn.Module):
             head.weight = self.get_input_embeddings().weight
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each layer's activations in backward: less memory for more compute when training."""
+        """Recompute each layer's activations in backward: less memory for more compute when training.
+        Checkpointing is always non-reentrant; `gradient_checkpointing_kwargs` may only say so."""
+        extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if (k, v) != ("use_reentrant", False)}
+        if extra:
+            raise ValueError(f"glmkit checkpoints layers non-reentrantly only; unsupported options: {extra}")
         self.base_model.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -233,9 +238,18 @@ class PreTrainedModel(nn.Module):
 
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", **_: Any
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
     ) -> None:
-        """Write config.json and safetensors weights (sharded past max_shard_size) that the reference loads."""
+        """Write config.json and safetensors weights (sharded past max_shard_size) that the reference loads.
+        Only safetensors is written (never pickles); `is_main_process=False` writes nothing (multi-process)."""
+        if not safe_serialization:
+            raise ValueError("glmkit saves safetensors only (safe_serialization=False would write a pickle)")
+        if not is_main_process:
+            return
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
@@ -254,17 +268,6 @@ class InputError(ValueError):
     """Bad model input: token ids outside the vocabulary, inconsistent shapes, a too-long sequence."""
 
 
-@dataclass
-class DecoderInputs:
-    """What every decoder core needs, derived once from the HF-style forward arguments."""
-
-    hidden: torch.Tensor  # (B, T, C) input embeddings
-    position_ids: torch.Tensor  # (B, T) or (1, T)
-    cache_position: torch.Tensor  # (T,) index of each new token in the key sequence
-    cache: KVCache | None
-    past_length: int
-
-
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise InputError naming the first id outside [0, vocab_size) (one host sync per call)."""
     if input_ids.numel() == 0:
@@ -275,48 +278,127 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise InputError(f"token id {int(bad)} is outside the vocabulary (valid ids are 0..{vocab_size - 1})")
 
 
-def prepare_decoder_inputs(
-    embed: nn.Embedding,
-    input_ids: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    past_key_values: Any,
-    cache_position: torch.Tensor | None,
-    use_cache: bool,
-) -> DecoderInputs:
-    """Validate ids, embed them, and fill in the cache, cache positions and position ids the way the
-    reference defaults them (positions continue from the cache; they do not look at the mask)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise InputError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
+@dataclass
+class LayerTrace:
+    """What the HF-style forward collects while the layers run (the engine passes none of it)."""
+
+    hidden_states: bool = False
+    attentions: bool = False
+    checkpointing: bool = False  # recompute each layer in backward
+    layerdrop: float | None = None  # XGLM: skip a layer with this probability (drawn at every layer)
+    all_hidden: list[torch.Tensor] = field(default_factory=list)
+    all_attentions: list[torch.Tensor | None] = field(default_factory=list)
+    all_cross: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, args: tuple, trace: LayerTrace | None = None) -> torch.Tensor:
+    """`layer(x, *args, output_attentions) -> (x, weights[, cross_weights])` for each layer. With a trace,
+    each layer's input and weights are collected and activations recomputed in backward when asked."""
+    if trace is None:
+        for layer in layers:
+            x = layer(x, *args)[0]
+        return x
+    for layer in layers:
+        if trace.hidden_states:
+            trace.all_hidden.append(x)
+        # LayerDrop draws at every layer even at probability 0, as the reference does: a seed then gives the
+        # same dropout masks and skipped layers there and here
+        if trace.layerdrop is not None and torch.rand([]) < trace.layerdrop:
+            continue
+        if trace.checkpointing:
+            out = checkpoint(layer, x, *args, trace.attentions, use_reentrant=False)
+        else:
+            out = layer(x, *args, trace.attentions)
+        x = out[0]
+        trace.all_attentions.append(out[1])
+        if len(out) > 2:
+            trace.all_cross.append(out[2])
+    return x
+
+
+class DecoderModel(PreTrainedModel):
+    """The ONE HF translation layer (DESIGN rule 4) around a family's pure core.
+
+    A family's *Model defines `core(x, positions, mask, cache, trace=None, **extra) -> hidden` (its whole
+    decoder: positions, layers, final norm) and, where it has more inputs than ids and a mask, `core_extras`.
+    This class turns the reference's forward arguments into those: it validates ids, embeds them, sets up
+    the cache, the positions the reference defaults to and the mask, and builds the outputs.
+    """
+
+    cache_class: ClassVar[type[KVCache]] = KVCache
+    output_class: ClassVar[type] = BaseModelOutputWithPast
+
+    def core(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None,
+             trace: LayerTrace | None = None, **extra: Any) -> torch.Tensor:  # fmt: skip
+        raise NotImplementedError
+
+    def core_extras(self, T: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """Family-specific forward arguments, checked and turned into `core` keywords (XGLM's encoder)."""
+        unknown = sorted(k for k, v in extra.items() if v is not None)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected arguments: {', '.join(unknown)}")
+        return {}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **extra: Any,
+    ) -> ModelOutput | tuple:
+        cfg = self.config
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
+        trace = LayerTrace(
+            hidden_states=cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            attentions=cfg.output_attentions if output_attentions is None else output_attentions,
+            checkpointing=self.gradient_checkpointing and self.training,
+        )
+        x = self._embed_inputs(input_ids, inputs_embeds)
+        B, T, _ = x.shape
+        core_extra = self.core_extras(T, extra)
+        cache = as_cache(past_key_values, use_cache, self.cache_class)
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
+        if position_ids is None:  # the reference continues from the cache; it does not look at the mask
+            position_ids = cache_position[None]
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
+            raise InputError(f"attention_mask must have shape (batch, seq_len) = ({B}, {past + T}), "
+                             f"got {tuple(attention_mask.shape)}")  # fmt: skip
+        if cache is not None:
+            cache.begin(B, T, x.device)
+            if attention_mask is not None:
+                cache.set_valid(attention_mask)
+            mask = cache.attention_mask(T)
+        else:
+            mask = build_attention_mask(attention_mask, cache_position, past + T, B)
+        x = self.core(x, position_ids, mask, cache, trace, **core_extra)
+        fields = dict(
+            last_hidden_state=x,
+            past_key_values=cache if use_cache else None,
+            hidden_states=(*trace.all_hidden, x) if trace.hidden_states else None,
+            attentions=tuple(trace.all_attentions) if trace.attentions else None,
+        )
+        if "cross_attentions" in self.output_class.__dataclass_fields__:
+            fields["cross_attentions"] = (
+                tuple(trace.all_cross) if trace.attentions and any(w is not None for w in trace.all_cross) else None
+            )
+        out = self.output_class(**fields)
+        return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    def _embed_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None:
+            return inputs_embeds
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        check_token_ids(input_ids, embed.num_embeddings)
-        inputs_embeds = embed(input_ids)
-    cache = as_cache(past_key_values, use_cache)
-    past = cache.get_seq_length() if cache is not None else 0
-    T = inputs_embeds.shape[1]
-    if cache_position is None:
-        cache_position = torch.arange(past, past + T, device=inputs_embeds.device)
-    if position_ids is None:
-        position_ids = cache_position[None]
-    return DecoderInputs(inputs_embeds, position_ids, cache_position, cache, past)
-
-
-def run_layers(
-    model: nn.Module, x: torch.Tensor, layer_args: tuple, output_hidden_states: bool, output_attentions: bool
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Run `model.layers` as `layer(x, *layer_args, output_attentions) -> (x, weights)`, collecting each
-    layer's input and attention weights when asked; activations are recomputed in backward when the model
-    trains with gradient checkpointing on."""
-    hidden, attentions = [], []
-    for layer in model.layers:
-        if output_hidden_states:
-            hidden.append(x)
-        if model.gradient_checkpointing and model.training:
-            x, weights = checkpoint(layer, x, *layer_args, output_attentions, use_reentrant=False)
-        else:
-            x, weights = layer(x, *layer_args, output_attentions)
-        if output_attentions:
-            attentions.append(weights)
-    return x, hidden, attentions
+        check_token_ids(input_ids, self.embed_tokens.num_embeddings)
+        return self.embed_tokens(input_ids)

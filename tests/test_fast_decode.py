@@ -9,8 +9,7 @@ import torch
 import transformers
 from conftest import scale_weights
 
-from glmkit.cache import StaticKVCache
-from glmkit.generation import fast
+from glmkit.generation import engine
 
 VOCAB = 96
 FAMILIES = {
@@ -97,25 +96,24 @@ def test_processors_scores_and_sampling_like_plain(pair):
     assert torch.equal(sampled[0], sampled[1])
 
 
-def test_static_cache_forward_matches_growing_cache(pair):
-    """One decode step on the whole static buffer gives the logits of the plain cached forward."""
+def test_static_cache_step_matches_plain_forward(pair):
+    """One decode step on the whole static buffer gives the logits of a full forward pass."""
     ours = pair[1]
     ids, mask = prompts(2)
-    P = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    full_mask = torch.cat([mask, torch.ones(2, 128 - P, dtype=mask.dtype)], dim=1)
-    cache = StaticKVCache(128)
+    decoder = engine.Decoder(ours, 200, "static")
     with torch.no_grad():
-        fast.forward_step(ours, cache, ids[:, :-1], positions[:, :-1], torch.arange(P - 1), full_mask)
-        got = fast.forward_step(ours, cache, ids[:, -1:], positions[:, -1:], torch.tensor([P - 1]), full_mask)
+        decoder.prefill(ids[:, :-1], mask[:, :-1])
+        got = decoder.step(ids[:, -1:])
         want = ours(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    assert cache.keys[0].shape[2] == 128
+    assert decoder.cache.keys[0].shape[2] == 200
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_step_is_one_graph_reused_across_lengths(pair):
     """The decode step captures whole (fullgraph) and one graph serves every prompt length and
-    max_new_tokens of a capacity bucket. (The "eager" backend checks capture without a C++ build.)"""
+    max_new_tokens, however long: the cache's slot dimension is dynamic, so a generation that grows never
+    waits for a recompile. (The "eager" backend checks capture without a C++ build.)"""
     ours = pair[1]
     graphs = []
 
@@ -124,7 +122,7 @@ def test_compiled_step_is_one_graph_reused_across_lengths(pair):
         return gm.forward
 
     options = {"backend": backend, "fullgraph": True}
-    for length, new in ((9, 12), (7, 20)):
+    for length, new in ((9, 12), (7, 20), (30, 150), (5, 300)):
         ids, mask = prompts(2, length=length)
         plain = ours.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None, compile=options)
@@ -164,8 +162,8 @@ def test_model_changes_recompile_though_model_guards_are_skipped(pair):
 
 
 def test_many_shapes_stay_compiled():
-    """One graph per (batch, capacity bucket): a chat whose history grows, or many batch sizes, needs more
-    than dynamo's default 8 graphs per function; none may silently fall back to eager."""
+    """One graph per batch size: many batch sizes need more than dynamo's default 8 graphs per function;
+    none may silently fall back to eager."""
     from glmkit import GlmConfig, GlmForCausalLM
 
     ours = GlmForCausalLM(GlmConfig(vocab_size=VOCAB, **{**FAMILIES["glm"][3], "num_hidden_layers": 1})).eval()
@@ -242,6 +240,8 @@ def test_fast_path_arguments_checked_and_beam_warns(pair):
         ours.generate(ids, max_new_tokens=2, cache_implementation="paged")
     with pytest.warns(UserWarning, match="beam search runs on the plain"):
         ours.generate(ids, max_new_tokens=2, num_beams=2, compile=True)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        ours.generate(ids, max_new_tokens=2, use_cache=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA-graph path)")
@@ -268,17 +268,13 @@ def test_inductor_compile_on_cpu(pair):
                        plain)  # fmt: skip
 
 
-def test_bucket():
-    assert [fast.bucket(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
-
-
 def test_compile_options():
-    cpu, gpu = fast.compile_options(None, cuda=False), fast.compile_options(None, cuda=True)
+    cpu, gpu = engine.compile_options(None, cuda=False), engine.compile_options(None, cuda=True)
     plain = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
              "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}  # fmt: skip
     assert cpu == {"dynamic": False, "options": plain}
     assert gpu["options"] == {**plain, "triton.cudagraphs": True}  # CUDA graphs = what "reduce-overhead" sets
-    assert fast.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
+    assert engine.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (16, 1)])

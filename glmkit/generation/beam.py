@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..cache import KVCache
 from ..outputs import ModelOutput
+from .engine import Decoder
 
 NEG = -1.0e9
 
@@ -33,8 +33,9 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Any,
-                prefill_chunk: int) -> GenerateBeamDecoderOnlyOutput:  # fmt: skip
+def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                plan: Any) -> GenerateBeamDecoderOnlyOutput:  # fmt: skip
+    """Beams are rows of one `Decoder`; after each step its cache is reordered to the surviving beams."""
     cfg, n = plan.config, plan.config.num_beams
     B, P = input_ids.shape
     L = P + plan.max_new_tokens
@@ -52,19 +53,13 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     is_fin = torch.zeros(B, n, dtype=torch.bool, device=dev)
     fin_len = torch.zeros(B, n, dtype=torch.long, device=dev)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    mask = attention_mask.new_ones((B * n, L))
-    mask[:, :P] = attention_mask.repeat_interleave(n, dim=0)
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = KVCache(max_length=L)
+    decoder = Decoder(model, L)
     flat = running.view(B * n, L)
-    for start in range(0, P, prefill_chunk):
-        end = min(P, start + prefill_chunk)
-        out = model(flat[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    step_logits = decoder.prefill(flat[:, :P], attention_mask.repeat_interleave(n, dim=0))
     all_scores, all_logits = [], []
     offset = (torch.arange(B, device=dev) * n)[:, None]
     for cur in range(P, L):
-        logits = out.logits[:, -1].float()
+        logits = step_logits
         log_probs = torch.log_softmax(logits, dim=-1)
         for processor in plan.processors:
             log_probs = processor(running.view(B * n, L)[:, :cur], log_probs)
@@ -98,7 +93,7 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         fin_scores = _take(merged, best)
         is_fin = _take(torch.cat((is_fin, just), dim=1), best)
         fin_len = _take(torch.cat((fin_len, torch.full_like(token, cur + 1 - P)), dim=1), best)
-        cache.reorder(parent.flatten())
+        decoder.cache.reorder(parent.flatten())
         length = cur + 1 - P
         if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
             length = L - P
@@ -108,9 +103,7 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         open_beams = not (bool(is_fin.all()) and cfg.early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
             break
-        flat = running.view(B * n, L)
-        out = model(flat[:, cur : cur + 1], attention_mask=mask[:, : cur + 1], position_ids=positions[:, cur : cur + 1],
-                    past_key_values=cache, use_cache=True)  # fmt: skip
+        step_logits = decoder.step(running.view(B * n, L)[:, cur : cur + 1])
     r = cfg.num_return_sequences
     length = P + int(fin_len[:, :r].max())
     return GenerateBeamDecoderOnlyOutput(

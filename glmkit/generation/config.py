@@ -36,6 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "output_logits": None,
     "return_dict_in_generate": False,
     "use_cache": True,
+    # speculative decoding
+    "prompt_lookup_num_tokens": None,
+    "max_matching_ngram_size": None,
+    "num_assistant_tokens": 20,
+    "assistant_confidence_threshold": 0.4,
+    "num_assistant_tokens_schedule": "constant",
 }
 
 

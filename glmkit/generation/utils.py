@@ -1,6 +1,6 @@
 """Decoding in three layers (DESIGN rule 6):
 
-1. `decode_steps` owns the KV cache and yields one token per row per step;
+1. `engine.decode_steps` owns the decoder (cache + step function) and yields one token per row per step;
 2. `stream` turns steps into token ids, text deltas and finish reasons (for servers and the CLI);
 3. `GenerationMixin.generate` is the reference-compatible API on top.
 """
@@ -14,23 +14,15 @@ from typing import Any
 
 import torch
 
-from ..cache import KVCache
 from ..outputs import ModelOutput
+from . import engine
 from .beam import beam_search
 from .config import DEFAULTS, GenerationConfig
+from .engine import Step, decode_steps
 from .processors import LogitsProcessor, build_processors
+from .speculative import AssistantDrafter, PromptLookup
 from .stopping import StopStrings
 
-PREFILL_CHUNK = 512
-
-
-@dataclass
-class Step:
-    tokens: torch.Tensor  # (B,) the token appended to each row (pad for finished rows)
-    logits: torch.Tensor  # (B, V) raw fp32 logits it was chosen from
-    scores: torch.Tensor  # (B, V) after the processors
-    finished: torch.Tensor  # (B,) bool: the row has stopped (EOS or stop string) as of this token
-    stopped_now: torch.Tensor  # (B,) bool: the row stopped at this token
 
 
 @dataclass
@@ -68,6 +60,9 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
     base = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
     config = base.update(**kwargs)
     config.validate()
+    if not config.use_cache:
+        raise ValueError("use_cache=False is not supported by glmkit's generate: it would recompute the whole "
+                         "sequence at every step for the same tokens")  # fmt: skip
     if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
         eos = []  # explicitly disabled, as in the reference
     else:
@@ -82,69 +77,29 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
     return Plan(config, eos, pad, max(1, max_new), build_processors(config, prompt_length, eos), stop)
 
 
-def choose_tokens(plan: Plan, ids: torch.Tensor, cur: int, logits: torch.Tensor, finished: torch.Tensor,
-                  eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One step's choice for every row: run the processors on ids[:, :cur], pick greedily or sample,
-    pad rows already finished, write the tokens at `cur`. Returns (tokens, scores, stopped)."""
-    scores = logits
-    for processor in plan.processors:
-        scores = processor(ids[:, :cur], scores)
-    if plan.config.do_sample:
-        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-    else:
-        tokens = torch.argmax(scores, dim=-1)
-    if eos is not None and plan.pad is not None:
-        tokens = torch.where(finished, plan.pad, tokens)
-    ids[:, cur] = tokens
-    stopped = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(finished)
-    if plan.stop_strings is not None:  # needs the text: a host round trip by nature
-        rows = ids[:, : cur + 1].tolist()
-        stopped = stopped | torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=ids.device)
-    return tokens, scores, stopped
-
-
-@torch.no_grad()
-def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
-                 prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Step]:  # fmt: skip
-    """Prefill the prompt in chunks (bounded memory), then decode one token per step into a
-    preallocated cache and token buffer until every row stops or max_new_tokens is reached."""
-    B, P = input_ids.shape
-    total = P + plan.max_new_tokens
-    ids = input_ids.new_full((B, total), plan.pad if plan.pad is not None else 0)
-    ids[:, :P] = input_ids
-    mask = attention_mask.new_ones((B, total))
-    mask[:, :P] = attention_mask
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # pads get a dummy position
-    cache = KVCache(max_length=total)
-    for start in range(0, P, prefill_chunk):
-        end = min(P, start + prefill_chunk)
-        out = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-    eos = torch.tensor(plan.eos, device=ids.device) if plan.eos else None
-    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    for step in range(plan.max_new_tokens):
-        cur = P + step
-        logits = out.logits[:, -1].float()
-        tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
-        stopped_now = stopped & ~finished
-        finished = finished | stopped
-        yield Step(tokens, logits, scores, finished, stopped_now)
-        if step + 1 == plan.max_new_tokens or bool(finished.all()):
-            return
-        out = model(ids[:, cur : cur + 1], attention_mask=mask[:, : cur + 1], position_ids=positions[:, cur : cur + 1],
-                    past_key_values=cache, use_cache=True)  # fmt: skip
-
-
-def select_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
-                 fast: dict[str, Any], check_every: int | None = None) -> Iterator[Step]:  # fmt: skip
-    """The plain `decode_steps`, or the static-cache path when `fast` (the `compile` and
-    `cache_implementation` arguments popped from a call) asks for it."""
-    compile_step = fast.get("compile", False)  # True, or a dict of torch.compile arguments
-    if fast.get("cache_implementation") != "static" and not compile_step:
-        return decode_steps(model, input_ids, attention_mask, plan)
-    from .fast import CHECK_EVERY, static_decode_steps  # fast imports this module
-
-    return static_decode_steps(model, input_ids, attention_mask, plan, compile_step, check_every or CHECK_EVERY)
+def _drafter(model: Any, config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             total: int, assistant_model: Any) -> PromptLookup | AssistantDrafter | None:  # fmt: skip
+    """The draft proposer speculative decoding asks for (prompt_lookup_num_tokens / assistant_model), checked."""
+    lookup = getattr(config, "prompt_lookup_num_tokens", None)
+    if lookup is None and assistant_model is None:
+        return None
+    if lookup is not None and assistant_model is not None:
+        raise ValueError("pass either prompt_lookup_num_tokens or assistant_model, not both")
+    if input_ids.shape[0] * config.num_return_sequences != 1:
+        raise ValueError("speculative decoding (prompt_lookup_num_tokens / assistant_model) needs batch size 1")
+    if config.num_beams > 1:
+        raise ValueError("speculative decoding cannot be combined with beam search (num_beams > 1)")
+    if not bool(attention_mask.all()):
+        raise ValueError("speculative decoding needs a prompt without padding")
+    if lookup is not None:
+        return PromptLookup(int(lookup), int(getattr(config, "max_matching_ngram_size", None) or 2))
+    ours, theirs = model.get_output_embeddings().out_features, assistant_model.get_output_embeddings().out_features
+    if ours != theirs:
+        raise ValueError(f"assistant_model must share the model's vocabulary: {theirs} logits vs {ours}")
+    if assistant_model.device != model.device:
+        raise ValueError(f"assistant_model is on {assistant_model.device}, the model on {model.device}")
+    return AssistantDrafter(assistant_model, total, int(config.num_assistant_tokens),
+                            config.assistant_confidence_threshold, config.num_assistant_tokens_schedule)  # fmt: skip
 
 
 def _pop_fast(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -173,42 +128,42 @@ class StreamChunk:
 
 def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, tokenizer: Any = None,
            generation_config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[StreamChunk]:  # fmt: skip
-    """Yield a StreamChunk per decoding step. Text deltas never split a multi-byte character; a row
-    that stops reports "stop" (EOS or stop string), one cut off by the length limit reports "length".
-    `compile=True` / `cache_implementation="static"` take the fast path, as in `generate`."""
+    """Yield a StreamChunk per decoding step. Text deltas never split a multi-byte character and cost the
+    same at any length (an incremental detokenizer per row); a row that stops reports "stop" (EOS or stop
+    string), one cut off by the length limit reports "length". `compile=True` /
+    `cache_implementation="static"` and speculative decoding work as in `generate`."""
     fast = _pop_fast(kwargs)
+    assistant_model = kwargs.pop("assistant_model", None)
     plan = plan_generation(model, input_ids.shape[1], generation_config, tokenizer, **kwargs)
     if attention_mask is None:
         attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
     B = input_ids.shape[0]
-    # A few prompt tokens decoded in front keep the first new word's leading space (sentencepiece drops
-    # it when a piece is decoded alone); their own text is cut off again.
-    context = [
-        [t for t, m in zip(ids, keep) if m][-4:] for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())
-    ]
-    prefix = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else "" for c in context]
-    generated: list[list[int]] = [[] for _ in range(B)]
-    shown = [""] * B
+    drafter = _drafter(model, plan.config, input_ids, attention_mask, input_ids.shape[1] + plan.max_new_tokens,
+                       assistant_model)  # fmt: skip
+    detokenizers = []
+    if tokenizer is not None:
+        # a few prompt tokens in front keep the first new word's leading space (sentencepiece drops it when
+        # a piece is decoded alone); their own text is not emitted
+        for ids, keep in zip(input_ids.tolist(), attention_mask.tolist()):
+            context = [t for t, m in zip(ids, keep) if m][-4:]
+            detokenizers.append(tokenizer.streaming_detokenizer(skip_special_tokens=True, prefix_ids=context))
     done = [False] * B
-    # every step is synced here anyway (text needs the ids), so the fast path checks "all finished" each step
-    for steps, step in enumerate(select_steps(model, input_ids, attention_mask, plan, fast, check_every=1), 1):
+    produced = 0
+    # every step is synced here anyway (text needs the ids), so "all finished" is checked each step
+    for step in decode_steps(model, input_ids, attention_mask, plan, fast, check_every=1, drafter=drafter):
+        produced += 1
         tokens, stopped = step.tokens.tolist(), step.stopped_now.tolist()
         chunk = StreamChunk([[] for _ in range(B)], [""] * B, [None] * B)
-        last_step = steps == plan.max_new_tokens or bool(step.finished.all())
+        last_step = produced == plan.max_new_tokens or bool(step.finished.all())
         for row in range(B):
             if done[row]:
                 continue
-            generated[row].append(tokens[row])
             chunk.token_ids[row].append(tokens[row])
-            if tokenizer is not None:
-                text = tokenizer.decode(context[row] + generated[row], skip_special_tokens=True)
-                text = (
-                    text[len(prefix[row]) :]
-                    if text.startswith(prefix[row])
-                    else tokenizer.decode(generated[row], skip_special_tokens=True)
-                )
-                if not text.endswith("\ufffd") or stopped[row] or last_step:
-                    chunk.text[row], shown[row] = text[len(shown[row]) :], text
+            if detokenizers:
+                text = detokenizers[row].add(tokens[row])
+                if stopped[row] or last_step:
+                    text += detokenizers[row].finalize()
+                chunk.text[row] = text
             if stopped[row]:
                 chunk.finish_reason[row], done[row] = "stop", True
             elif last_step:
@@ -241,6 +196,7 @@ class GenerationMixin:
         for ignored in ("token_type_ids", "position_ids"):  # tokenizer outputs; positions come from the mask
             kwargs.pop(ignored, None)
         fast = _pop_fast(kwargs)
+        assistant_model = kwargs.pop("assistant_model", None)
         inputs = kwargs.pop("inputs", None)
         input_ids = inputs if input_ids is None else input_ids
         known = set(DEFAULTS) | set(vars(generation_config or getattr(self, "generation_config", GenerationConfig())))
@@ -253,15 +209,17 @@ class GenerationMixin:
         config = plan.config
         if attention_mask is None:
             attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
+        drafter = _drafter(self, config, input_ids, attention_mask, input_ids.shape[1] + plan.max_new_tokens,
+                           assistant_model)  # fmt: skip
+        if (drafter is not None or config.num_beams > 1) and engine.decode_mode(fast) != "plain":
+            warnings.warn(f"{'beam search' if drafter is None else 'speculative decoding'} runs on the plain "
+                          "decode path; compile / static cache ignored", stacklevel=2)  # fmt: skip
         if config.num_beams > 1:
-            if fast.get("compile") or fast.get("cache_implementation") == "static":
-                warnings.warn("beam search runs on the plain decode path; compile / static cache ignored",
-                              stacklevel=2)  # fmt: skip
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search")
             if plan.stop_strings is not None:
                 raise NotImplementedError("stop_strings with beam search is not implemented in glmkit")
-            out = beam_search(self, input_ids, attention_mask, plan, PREFILL_CHUNK)
+            out = beam_search(self, input_ids, attention_mask, plan)
             if not config.return_dict_in_generate:
                 return out.sequences
             out.scores = out.scores if config.output_scores else None
@@ -273,8 +231,8 @@ class GenerationMixin:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        every = 1 if streamer is not None else None  # a streamer must not see all-pad steps
-        steps = select_steps(self, input_ids, attention_mask, plan, fast, every)
+        every = 1 if streamer is not None else engine.CHECK_EVERY  # a streamer must not see all-pad steps
+        steps = decode_steps(self, input_ids, attention_mask, plan, fast, every, drafter)
         new_tokens, scores, logits, finished = [], [], [], []
         for step in steps:
             new_tokens.append(step.tokens)

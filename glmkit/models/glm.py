@@ -16,9 +16,8 @@ from torch import nn
 from ..checkpoint import CheckpointError, WeightReader
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..layers import RMSNorm, RotaryEmbedding, apply_rotary, attention, build_attention_mask, get_activation
-from ..modeling import PreTrainedModel, prepare_decoder_inputs, run_layers
-from ..outputs import BaseModelOutputWithPast
+from ..layers import RMSNorm, RotaryEmbedding, apply_rotary, attention, get_activation
+from ..modeling import DecoderModel, run_layers
 
 
 class GlmConfig(PretrainedConfig):
@@ -164,7 +163,7 @@ class ChatGLMCheckpointMixin:
         return reader
 
 
-class GlmModel(ChatGLMCheckpointMixin, PreTrainedModel):
+class GlmModel(ChatGLMCheckpointMixin, DecoderModel):
     """The decoder stack without a head: returns last_hidden_state (after the final norm)."""
 
     config_class = GlmConfig
@@ -185,51 +184,10 @@ class GlmModel(ChatGLMCheckpointMixin, PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPast | tuple:
-        cfg = self.config
-        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        inp = prepare_decoder_inputs(
-            self.embed_tokens,
-            input_ids,
-            inputs_embeds,
-            position_ids,
-            past_key_values,
-            cache_position,
-            use_cache,
-        )
-        x = inp.hidden
-        B, T, _ = x.shape
-        mask = build_attention_mask(attention_mask, inp.cache_position, inp.past_length + T, B)
-        cos, sin = self.rotary_emb(inp.position_ids, x.dtype)
-        x, all_hidden, all_attn = run_layers(
-            self, x, (cos, sin, mask, inp.cache), output_hidden_states, output_attentions
-        )
-        x = self.norm(x)
-        if output_hidden_states:
-            all_hidden.append(x)
-        out = BaseModelOutputWithPast(
-            last_hidden_state=x,
-            past_key_values=inp.cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-        )
-        return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
+    def core(self, x, positions, mask, cache, trace=None):
+        """(B, T, C) embeddings at positions (B, T) -> (B, T, C) after the final norm."""
+        cos, sin = self.rotary_emb(positions, x.dtype)  # (B, T, rotary_dim/2)
+        return self.norm(run_layers(self.layers, x, (cos, sin, mask, cache), trace))
 
 
 class GlmForCausalLM(ChatGLMCheckpointMixin, ForCausalLM):

@@ -8,18 +8,18 @@ token embeddings scaled by sqrt(d_model); lm_head tied to the embedding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..cache import KVCache
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM
 from ..layers import attention, build_attention_mask, get_activation
-from ..modeling import PreTrainedModel, prepare_decoder_inputs
+from ..modeling import DecoderModel, PreTrainedModel, run_layers
 from ..outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 # The reference adds a fixed offset of 2 to every position id (fairseq's padding_idx + 1 for pad id 1,
@@ -136,8 +136,8 @@ class XGLMCache(KVCache):
     reference's EncoderDecoderCache writes it.
     """
 
-    def __init__(self, max_length: int | None = None):
-        super().__init__(max_length)
+    def __init__(self, capacity: int | None = None, static: bool = False):
+        super().__init__(capacity, static)
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -152,20 +152,19 @@ class XGLMCache(KVCache):
 
     @classmethod
     def from_legacy(cls, past: tuple | list) -> XGLMCache:
-        cache = cls()
-        for i, layer in enumerate(past):
-            cache.update(i, layer[0], layer[1])
-            if len(layer) == 4:
-                cache.cross[i] = (layer[2], layer[3])
+        cache = super().from_legacy([layer[:2] for layer in past])
+        cache.cross = {i: (layer[2], layer[3]) for i, layer in enumerate(past) if len(layer) == 4}
         return cache
 
 
-def _as_cache(past_key_values: Any, use_cache: bool) -> Any:
-    if past_key_values is None:
-        return XGLMCache() if use_cache else None
-    if isinstance(past_key_values, (tuple, list)):
-        return XGLMCache.from_legacy(past_key_values)
-    return past_key_values  # a KVCache (a plain one recomputes cross K/V each call); others rejected later
+@dataclass
+class EncoderInputs:
+    """Cross-attention inputs shared by every layer: encoder states (B, S, C), their mask, head masks."""
+
+    states: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # bool (B, 1, T, S)
+    head_mask: torch.Tensor | None = None  # (num_layers, heads) for self-attention
+    cross_head_mask: torch.Tensor | None = None  # (num_layers, heads) for cross-attention
 
 
 class XGLMAttention(nn.Module):
@@ -236,18 +235,16 @@ class XGLMDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, C)
         self.final_layer_norm = nn.LayerNorm(C)
 
-    def forward(self, x, mask, cache, enc_states, enc_mask, head_mask, cross_head_mask, output_attentions):
-        h, weights = self.self_attn(self.self_attn_layer_norm(x), mask, cache, None, head_mask, output_attentions)
+    def forward(self, x, mask, cache, enc: EncoderInputs | None = None, output_attentions=False):
+        i = self.self_attn.layer_idx
+        head = enc.head_mask[i] if enc is not None and enc.head_mask is not None else None
+        h, weights = self.self_attn(self.self_attn_layer_norm(x), mask, cache, None, head, output_attentions)
         x = x + F.dropout(h, self.dropout, self.training)
         cross_weights = None
-        if enc_states is not None:
+        if enc is not None and enc.states is not None:
+            cross_head = enc.cross_head_mask[i] if enc.cross_head_mask is not None else None
             h, cross_weights = self.encoder_attn(
-                self.encoder_attn_layer_norm(x),
-                enc_mask,
-                cache,
-                enc_states,
-                cross_head_mask,
-                output_attentions,
+                self.encoder_attn_layer_norm(x), enc.mask, cache, enc.states, cross_head, output_attentions
             )
             x = x + F.dropout(h, self.dropout, self.training)
         h = self.activation_fn(self.fc1(self.final_layer_norm(x)))
@@ -272,11 +269,14 @@ class XGLMPreTrainedModel(PreTrainedModel):
     ignore_on_load = (*PreTrainedModel.ignore_on_load, r"embed_positions\.(weights|_float_tensor)$")
 
 
-class XGLMModel(XGLMPreTrainedModel):
+class XGLMModel(DecoderModel, XGLMPreTrainedModel):
     """The decoder stack without a head: returns last_hidden_state (after the final LayerNorm).
 
     `embed_tokens` may be passed in (e.g. shared with an encoder); it is then used as is, unscaled.
     """
+
+    cache_class = XGLMCache
+    output_class = BaseModelOutputWithPastAndCrossAttentions
 
     def __init__(self, config: XGLMConfig, embed_tokens: nn.Embedding | None = None):
         super().__init__(config)
@@ -290,86 +290,48 @@ class XGLMModel(XGLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _encoder_mask(self, encoder_states: torch.Tensor | None, encoder_mask: torch.Tensor | None, T: int):
-        if encoder_states is None:
-            return None
-        if not self.config.add_cross_attention:
-            raise ValueError(
-                "encoder_hidden_states given, but this model has no cross-attention layers "
-                "(config.add_cross_attention is False)"
-            )
-        if encoder_mask is None:
-            return None
-        B, S = encoder_states.shape[:2]
-        queries = torch.arange(T, device=encoder_states.device)
-        return build_attention_mask(encoder_mask, queries, S, B, causal=False)
+    def core_extras(self, T: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """encoder_hidden_states / encoder_attention_mask / head_mask / cross_attn_head_mask -> EncoderInputs."""
+        extra = dict(extra)
+        states, mask = extra.pop("encoder_hidden_states", None), extra.pop("encoder_attention_mask", None)
+        head_mask, cross_head_mask = extra.pop("head_mask", None), extra.pop("cross_attn_head_mask", None)
+        super().core_extras(T, extra)
+        _check_head_mask(head_mask, "head_mask", self.config)
+        _check_head_mask(cross_head_mask, "cross_attn_head_mask", self.config)
+        if states is not None:
+            if not self.config.add_cross_attention:
+                raise ValueError(
+                    "encoder_hidden_states given, but this model has no cross-attention layers "
+                    "(config.add_cross_attention is False)"
+                )
+            if mask is not None:
+                B, S = states.shape[:2]
+                mask = build_attention_mask(mask, torch.arange(T, device=states.device), S, B, causal=False)
+        if states is None and head_mask is None and cross_head_mask is None:
+            return {}
+        return {"enc": EncoderInputs(states, mask if states is not None else None, head_mask, cross_head_mask)}
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-        cross_attn_head_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-    ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
-        cfg = self.config
-        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
-        use_cache = use_cache and not (self.gradient_checkpointing and self.training)
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        _check_head_mask(head_mask, "head_mask", cfg)
-        _check_head_mask(cross_attn_head_mask, "cross_attn_head_mask", cfg)
-        inp = prepare_decoder_inputs(
-            self.embed_tokens, input_ids, inputs_embeds, position_ids,
-            _as_cache(past_key_values, use_cache), cache_position, use_cache,
+    def core(self, x, positions, mask, cache, trace=None, enc=None):
+        """(B, T, C) token embeddings at positions (B, T) -> (B, T, C) after the final LayerNorm."""
+        x = x + sinusoidal_positions(positions, self.config.d_model, self.padding_idx).to(x.device, x.dtype)
+        x = F.dropout(x, self.config.dropout, self.training)
+        if trace is not None and self.training:
+            trace.layerdrop = self.config.layerdrop
+        return self.layer_norm(run_layers(self.layers, x, (mask, cache, enc), trace))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, head_mask=None, cross_attn_head_mask=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, cache_position=None):  # fmt: skip
+        """The reference's positional order; the work is DecoderModel.forward's. No cache is kept while
+        training with gradient checkpointing (as the reference)."""
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        return super().forward(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, cache_position,
+            output_attentions, output_hidden_states, return_dict, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, head_mask=head_mask, cross_attn_head_mask=cross_attn_head_mask,
         )  # fmt: skip
-        x = inp.hidden
-        B, T, _ = x.shape
-        x = x + sinusoidal_positions(inp.position_ids, cfg.d_model, self.padding_idx).to(x.device, x.dtype)
-        x = F.dropout(x, cfg.dropout, self.training)
-        mask = build_attention_mask(attention_mask, inp.cache_position, inp.past_length + T, B)
-        encoder_mask = self._encoder_mask(encoder_hidden_states, encoder_attention_mask, T)
-        head_masks = (head_mask, cross_attn_head_mask)
-        x, hidden, attn, cross = self._layers(
-            x, mask, inp.cache, encoder_hidden_states, encoder_mask, head_masks, output_attentions
-        )
-        x = self.layer_norm(x)
-        out = BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=x,
-            past_key_values=inp.cache if use_cache else None,
-            hidden_states=(*hidden, x) if output_hidden_states else None,
-            attentions=tuple(attn) if output_attentions else None,
-            cross_attentions=tuple(cross) if output_attentions and encoder_hidden_states is not None else None,
-        )
-        return out if (cfg.return_dict if return_dict is None else return_dict) else out.to_tuple()
-
-    def _layers(self, x, mask, cache, enc_states, enc_mask, head_masks, output_attentions):
-        """Run the decoder layers; returns x and the per-layer inputs, attention and cross-attention weights."""
-        hidden, attn, cross = [], [], []
-        for idx, layer in enumerate(self.layers):
-            hidden.append(x)
-            # LayerDrop skips the whole layer. Drawn at every layer in training, even at layerdrop 0, as the
-            # reference does: a seed then gives the same dropout masks and skipped layers as there.
-            if self.training and torch.rand([]) < self.config.layerdrop:
-                continue
-            self_head, cross_head = (m[idx] if m is not None else None for m in head_masks)
-            args = (x, mask, cache, enc_states, enc_mask, self_head, cross_head, output_attentions)
-            if self.gradient_checkpointing and self.training:
-                x, weights, cross_weights = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x, weights, cross_weights = layer(*args)
-            attn.append(weights)
-            cross.append(cross_weights)
-        return x, hidden, attn, cross
 
 
 class XGLMForCausalLM(ForCausalLM, XGLMPreTrainedModel):

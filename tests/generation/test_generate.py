@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, trainers
 from transformers.generation import logits_process as hf
 
 import glmkit.generation.utils as gen_utils
+import glmkit.generation.engine as gen_engine
 from glmkit import AutoTokenizer
 from glmkit.generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from glmkit.generation.processors import build_processors
@@ -157,8 +158,7 @@ def test_num_return_sequences(pair):
 def test_chunked_prefill_same_tokens(pair, monkeypatch):
     ids, mask = prompts(2, length=21, left_pad=5)
     whole = pair[1].generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
-    monkeypatch.setattr(gen_utils, "PREFILL_CHUNK", 4)
-    monkeypatch.setattr(gen_utils.decode_steps, "__defaults__", (4,))
+    monkeypatch.setattr(gen_engine, "PREFILL_CHUNK", 4)
     chunked = pair[1].generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
     assert torch.equal(whole, chunked)
 

@@ -1,0 +1,246 @@
+"""The decode engine: one cache owner and step function under every way of decoding (DESIGN rules 5, 6).
+
+`Decoder` owns the KV cache and runs the model core on new tokens: eagerly on a preallocated cache
+("plain", the default), on a static cache with fixed shapes ("static"), or that step under torch.compile
+("compiled"; CUDA graphs on GPU). `decode_steps` is the one token loop on top (greedy, sampling and
+speculative verification are options of it); beam search drives the same `Decoder` and reorders its
+cache. Nothing here syncs with the host per token except what must: stop strings (they need text) and
+speculative acceptance; "all rows finished" is checked every CHECK_EVERY steps, and callers trim.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache import KVCache
+from ..modeling import check_token_ids
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds prefill memory
+CHECK_EVERY = 8  # decode steps between host syncs for "all rows finished"
+MAX_GRAPHS = 64  # compiled graphs kept per model (one per batch size); dynamo's default is 8
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options: (signature, step)}
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (B,) the token appended to each row (pad for finished rows)
+    logits: torch.Tensor  # (B, V) raw fp32 logits it was chosen from
+    scores: torch.Tensor  # (B, V) after the processors
+    finished: torch.Tensor  # (B,) bool: the row has stopped (EOS or stop string) as of this token
+    stopped_now: torch.Tensor  # (B,) bool: the row stopped at this token
+
+
+def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask: torch.Tensor | None = None,
+                   last_only: bool = True) -> torch.Tensor:  # fmt: skip
+    """tokens (B, T) -> fp32 logits (B, V) of the last position, or (B, T, V). The cache decides where the
+    tokens go and which keys they see; ids are not range-checked here (the caller checked the prompt once)."""
+    base = model.base_model
+    x = base.embed_tokens(tokens)  # (B, T, C)
+    mask, positions = cache.begin(tokens.shape[0], tokens.shape[1], tokens.device, token_mask)
+    hidden = base.core(x, positions, mask, cache)
+    if last_only:
+        hidden = hidden[:, -1]  # (B, C)
+    return model.lm_head(hidden).float()
+
+
+# ---- the compiled step ------------------------------------------------------------------------------
+
+
+def compile_options(options: dict[str, Any] | None, cuda: bool) -> dict[str, Any]:
+    """torch.compile arguments: the caller's, else inductor with CUDA graphs on GPU (what mode
+    "reduce-overhead" sets) and `emulate_precision_casts`, which rounds bf16/fp16 intermediates where eager
+    does: without it the fused kernels keep them in fp32 and greedy bf16 tokens drift from the eager path's.
+    The per-call stride checks are dropped: the step's inputs are built here, and on CPU the checks cost
+    about as much as the small fused kernels."""
+    options = dict(options or {})
+    if not {"mode", "options", "backend"} & set(options):
+        options["options"] = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
+                              **({"triton.cudagraphs": True} if cuda else {})}  # fmt: skip
+        skip_model_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+        if skip_model_guards is not None:  # see `model_signature`
+            options["options"]["guard_filter_fn"] = skip_model_guards
+    return {"dynamic": False, **options}
+
+
+def model_signature(model: Any) -> tuple:
+    """What a compiled step is specialised on besides its tensor arguments. Dynamo's guards on the model
+    are skipped (they cost ~30 us per layer per step: 1.2 ms of host time per token at 40 layers), so a
+    change here (dtype, device, parameters replaced, train/eval, config) gets a fresh compile instead."""
+    tensors = tuple((id(t), t.dtype, t.device, t.shape) for t in (*model.parameters(), *model.buffers()))
+    return tensors, model.training, repr(sorted(vars(model.config).items()))
+
+
+def compiled_step(model: Any, options: dict[str, Any] | None = None) -> Callable[..., torch.Tensor] | None:
+    """`forward_tokens` under torch.compile (see `compile_options`), made once per model, options and
+    `model_signature`; None where torch.compile is unavailable (the caller then runs eagerly)."""
+    options = compile_options(options, next(model.parameters()).device.type == "cuda")
+    key = repr(sorted(options.items()))
+    per_model = _COMPILED.setdefault(model, {})
+    signature = model_signature(model)
+    if key not in per_model or per_model[key][0] != signature:
+        # a code object of its own: dynamo caches graphs per code object, so no two models (or signatures)
+        # ever share one through the guards skipped above
+        step = types.FunctionType(forward_tokens.__code__.replace(), forward_tokens.__globals__, "forward_tokens",
+                                  forward_tokens.__defaults__)  # fmt: skip
+        try:
+            fresh = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}  # compile pops from it
+            per_model[key] = (signature, torch.compile(step, **fresh))
+        except Exception as err:  # noqa: BLE001 - unsupported platform / Python: run eagerly
+            warnings.warn(f"torch.compile unavailable ({err}); decoding eagerly", stacklevel=3)
+            per_model[key] = (signature, None)
+    return per_model[key][1]
+
+
+# ---- the decoder ------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """The cache and the step function of one generation (or of a server batch).
+
+    mode "plain": eager, a cache preallocated to `capacity` that returns only the slots written so far;
+    "static": eager on fixed-shape buffers; "compiled": the static step under torch.compile. The cache's
+    slot dimension is marked dynamic for the compiler, so one graph serves every capacity and length.
+    """
+
+    def __init__(self, model: Any, capacity: int, mode: str = "plain", compile: bool | dict[str, Any] = False):
+        if mode not in ("plain", "static", "compiled"):
+            raise ValueError(f"unknown decode mode {mode!r}")
+        self.model, self.mode = model, mode
+        self.cache = model.base_model.cache_class(capacity, static=mode != "plain")
+        self.compiled = None
+        if mode == "compiled":
+            self.compiled = compiled_step(model, compile if isinstance(compile, dict) else None)
+        self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
+        self._prepared = False
+
+    def prefill(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None,
+                chunk: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Run the prompt (B, P) through the model in chunks (eagerly); fp32 logits (B, V) of its last position.
+        Ids are range-checked here, once per call."""
+        check_token_ids(ids, self.model.base_model.embed_tokens.num_embeddings)
+        chunk = chunk or PREFILL_CHUNK
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None  # no padding: the cache can skip masks for one-token steps
+        logits = None
+        for start in range(0, ids.shape[1], chunk):
+            part = token_mask[:, start : start + chunk] if token_mask is not None else None
+            logits = forward_tokens(self.model, self.cache, ids[:, start : start + chunk], part)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (B, 1) -> fp32 logits (B, V)."""
+        if self.compiled is not None:
+            if not self._prepared:
+                self._prepare_for_compile()
+            try:
+                with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                    logits = self.compiled(self.model, self.cache, tokens)
+                return logits.clone() if self.on_gpu else logits  # CUDA graph outputs are overwritten
+            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly", stacklevel=2)
+                self.compiled = None
+        return forward_tokens(self.model, self.cache, tokens)
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Several tokens per row (B, T) in one forward (speculative verification) -> logits (B, T, V)."""
+        return forward_tokens(self.model, self.cache, tokens, last_only=False)
+
+    def _prepare_for_compile(self) -> None:
+        cache = self.cache
+        for t in (*cache.keys, *cache.values):
+            torch._dynamo.maybe_mark_dynamic(t, 2)  # the slot dimension: one graph for every capacity
+        torch._dynamo.maybe_mark_dynamic(cache.valid, 1)
+        if self.on_gpu:
+            cache.mark_static()
+        self._prepared = True
+
+
+def choose_tokens(plan: Any, ids: torch.Tensor, cur: int, logits: torch.Tensor, finished: torch.Tensor,
+                  eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One step's choice for every row: run the processors on ids[:, :cur], pick greedily or sample,
+    pad rows already finished, write the tokens at `cur`. Returns (tokens, scores, stopped)."""
+    scores = logits
+    for processor in plan.processors:
+        scores = processor(ids[:, :cur], scores)
+    if plan.config.do_sample:
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        tokens = torch.argmax(scores, dim=-1)
+    if eos is not None and plan.pad is not None:
+        tokens = torch.where(finished, plan.pad, tokens)
+    ids[:, cur] = tokens
+    stopped = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(finished)
+    if plan.stop_strings is not None:  # needs the text: a host round trip by nature
+        rows = ids[:, : cur + 1].tolist()
+        stopped = stopped | torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=ids.device)
+    return tokens, scores, stopped
+
+
+def decode_mode(fast: dict[str, Any]) -> str:
+    if fast.get("compile"):
+        return "compiled"
+    return "static" if fast.get("cache_implementation") == "static" else "plain"
+
+
+@torch.no_grad()
+def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Any,
+                 fast: dict[str, Any] | None = None, check_every: int = CHECK_EVERY,
+                 drafter: Any = None) -> Iterator[Step]:  # fmt: skip
+    """The token loop: prefill, then one token per row per step (or, with a `drafter`, several verified
+    in one forward pass) until every row stops or max_new_tokens is reached. May yield up to
+    check_every - 1 all-pad steps after every row has finished; `Step.finished` says where that was."""
+    fast = fast or {}
+    B, P = input_ids.shape
+    total = P + plan.max_new_tokens
+    ids = input_ids.new_full((B, total), plan.pad if plan.pad is not None else 0)
+    ids[:, :P] = input_ids
+    decoder = Decoder(model, total, "plain" if drafter is not None else decode_mode(fast), fast.get("compile", False))
+    logits = decoder.prefill(input_ids, attention_mask)
+    eos = torch.tensor(plan.eos, device=ids.device) if plan.eos else None
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    if drafter is not None:
+        yield from _speculative_steps(decoder, drafter, ids, P, logits, plan, eos, finished)
+        return
+    for step in range(plan.max_new_tokens):
+        cur = P + step
+        tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
+        stopped_now = stopped & ~finished
+        finished = finished | stopped
+        yield Step(tokens, logits, scores, finished, stopped_now)
+        if step + 1 == plan.max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
+            return
+        logits = decoder.step(tokens[:, None])
+
+
+def _speculative_steps(decoder: Decoder, drafter: Any, ids: torch.Tensor, P: int, logits: torch.Tensor, plan: Any,
+                       eos: torch.Tensor | None, finished: torch.Tensor) -> Iterator[Step]:  # fmt: skip
+    """Draft tokens, verify them in one forward pass, keep the longest prefix the model itself chooses
+    plus the model's own next token. Every kept token is chosen exactly as the plain loop chooses it
+    (processors, sampling: one draw per position, in order), so the output is the plain loop's. Batch 1."""
+    end = P + plan.max_new_tokens
+    tokens, scores, stopped = choose_tokens(plan, ids, P, logits, finished, eos)
+    finished = finished | stopped
+    yield Step(tokens, logits, scores, finished, stopped)
+    cur = P + 1  # ids[:, cur - 1] is chosen but not yet in the cache
+    while cur < end and not bool(finished.all()):
+        draft = drafter.propose(ids[:, :cur], min(drafter.max_tokens, end - cur - 1))  # (1, k)
+        k = draft.shape[1]
+        ids[:, cur : cur + k] = draft
+        all_logits = decoder.verify(ids[:, cur - 1 : cur + k])  # (1, k + 1, V): positions cur .. cur + k
+        for j in range(k + 1):
+            tokens, scores, stopped = choose_tokens(plan, ids, cur + j, all_logits[:, j], finished, eos)
+            finished = finished | stopped
+            yield Step(tokens, all_logits[:, j], scores, finished, stopped)
+            if j == k or bool(finished.all()) or int(tokens[0]) != int(draft[0, j]):
+                break  # the model chose otherwise at cur + j (its token is written there) or all were kept
+        decoder.cache.rewind(k - j)  # drafts after the last one kept
+        drafter.accepted(j, k)
+        cur += j + 1
