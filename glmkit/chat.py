@@ -21,6 +21,8 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .tokenization.glm4 import GLM4_PREFIX, GLM4_ROLE_TOKENS
+
 __all__ = [
     "ChatTemplateError",
     "compile_template",
@@ -37,37 +39,37 @@ class ChatTemplateError(jinja2.TemplateError, ValueError):
     """The chat template is malformed, or it rejected the messages (`raise_exception`)."""
 
 
-# GLM-4's chat format: `[gMASK]<sop>`, an optional tool list in a system turn, then
-# `<|role|>{metadata}\n{content}` turns; function calls are `<|assistant|>{name}\n{arguments}` and
-# their results `<|observation|>\n{result}`. Tools come from `tools=` or a message's `tools` key.
+# GLM-4's chat format (special tokens from tokenization/glm4.py): `[gMASK]<sop>`, an optional tool
+# list in a system turn, then `<|role|>{metadata}\n{content}` turns; function calls are
+# `<|assistant|>{name}\n{arguments}` and their results `<|observation|>\n{result}`. Tools come from
+# `tools=` or a message's `tools` key.
+_SYSTEM, _USER, _ASSISTANT, _OBSERVATION = (GLM4_ROLE_TOKENS[r] for r in ("system", "user", "assistant", "observation"))
 GLM4_CHAT_TEMPLATE = (
-    "[gMASK]<sop>"
-    "{%- set ns = namespace(tools=tools or []) -%}"
+    GLM4_PREFIX + "{%- set ns = namespace(tools=tools or []) -%}"
     "{%- for m in messages if m.tools is defined and m.tools %}"
     "{% set ns.tools = ns.tools + m.tools %}{% endfor -%}"
-    "{%- if ns.tools -%}<|system|>\n# 可用工具"
+    "{%- if ns.tools -%}" + _SYSTEM + "\n# 可用工具"
     "{%- for tool in ns.tools %}{% set fn = tool.function if tool.function is defined else tool %}"
     "{{ '\\n\\n## ' }}"  # (a newline right after a tag would be eaten by trim_blocks)
     "{%- if tool.type is defined and tool.type != 'function' and fn is not mapping %}{{ tool.type }}"
     "{%- else %}{{ fn.name }}\n\n{{ fn | tojson(indent=4, ensure_ascii=False) }}\n"
     "在调用上述函数时，请使用 Json 格式表示调用的参数。{% endif %}"
     "{%- endfor %}{%- endif -%}"
-    "{%- for m in messages if m.role == 'system' and m.content %}<|system|>\n{{ m.content }}{% endfor -%}"
+    "{%- for m in messages if m.role == 'system' and m.content %}" + _SYSTEM + "\n{{ m.content }}{% endfor -%}"
     "{%- for m in messages if m.role != 'system' %}"
     "{%- set meta = m.metadata if m.metadata is defined and m.metadata else '' %}"
-    "{%- if m.role == 'user' %}<|user|>{{ meta }}\n{{ m.content }}"
+    "{%- if m.role == 'user' %}" + _USER + "{{ meta }}\n{{ m.content }}"
     "{%- elif m.role == 'assistant' %}"
-    "{%- if m.content or not m.tool_calls %}<|assistant|>{{ meta }}\n{{ m.content or '' }}{% endif %}"
+    "{%- if m.content or not m.tool_calls %}" + _ASSISTANT + "{{ meta }}\n{{ m.content or '' }}{% endif %}"
     "{%- for call in (m.tool_calls or []) %}"
-    "{% set fn = call.function if call.function is defined else call %}"
-    "<|assistant|>{{ fn.name }}\n"
+    "{% set fn = call.function if call.function is defined else call %}" + _ASSISTANT + "{{ fn.name }}\n"
     "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson(ensure_ascii=False) }}"
     "{%- endfor %}"
-    "{%- elif m.role in ('observation', 'tool') %}<|observation|>{{ meta }}\n{{ m.content }}"
+    "{%- elif m.role in ('observation', 'tool') %}" + _OBSERVATION + "{{ meta }}\n{{ m.content }}"
     "{%- else %}{{ raise_exception('GLM-4 chat: unknown role ' ~ m.role ~ "
     "'; use system, user, assistant, observation or tool') }}"
     "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{%- if add_generation_prompt %}" + _ASSISTANT + "{% endif %}"
 )
 
 # Persimmon (adept) chat format: `human: {prompt}\n\nadept:`.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from queue import Queue
 from typing import Any
 
+from ..tokenization.detokenizer import streaming_detokenizer
+
 
 def _is_cjk(cp: int) -> bool:
     """CJK ideographs print as soon as they arrive (no spaces to wait for)."""
@@ -24,13 +26,26 @@ class BaseStreamer:
 
 class TextStreamer(BaseStreamer):
     """Prints text as whole words become available (batch size 1). The first `put` is the prompt,
-    skipped when skip_prompt=True; extra keywords go to tokenizer.decode."""
+    skipped when skip_prompt=True; extra keywords go to tokenizer.decode.
+
+    The chunks are the reference's (print up to the last space, flush at a newline, CJK at once),
+    computed on a streaming detokenizer instead of re-decoding all the ids at every `put`."""
 
     def __init__(self, tokenizer: Any, skip_prompt: bool = False, **decode_kwargs: Any):
         self.tokenizer, self.skip_prompt, self.decode_kwargs = tokenizer, skip_prompt, decode_kwargs
-        self.token_cache: list[int] = []
-        self.print_len = 0
+        kwargs = dict(decode_kwargs)
+        self._detok = streaming_detokenizer(tokenizer, kwargs.pop("skip_special_tokens", False), **kwargs)
         self.next_tokens_are_prompt = True
+        self._restart()
+
+    def _restart(self) -> None:
+        """Start a new text (the reference empties its token cache here)."""
+        self._detok.reset()
+        self._n_ids = 0  # ids in the current text
+        self.print_len = 0  # characters of the current text printed so far
+        self._start = 0  # where `_tail` starts in the text: min(print_len, what is final)
+        self._tail = ""  # final text from `_start` on
+        self._before = ""  # the character before `_start`
 
     def put(self, value: Any) -> None:
         if value.dim() > 1:
@@ -40,24 +55,30 @@ class TextStreamer(BaseStreamer):
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
-        self.token_cache.extend(value.tolist())
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if text.endswith("\n"):
-            printable = text[self.print_len :]
-            self.token_cache, self.print_len = [], 0
-        elif text and _is_cjk(ord(text[-1])):
-            printable = text[self.print_len :]
+        ids = value.tolist()
+        self._n_ids += len(ids)
+        self._tail += self._detok.add_many(ids)
+        text = self._tail + self._detok.peek()  # the reference's decode(ids)[self._start:]
+        last, printed = text[-1:] or self._before, self.print_len - self._start
+        if last == "\n":
+            printable = text[printed:]
+            self._restart()
+        elif last and _is_cjk(ord(last)):
+            printable = text[printed:]
             self.print_len += len(printable)
         else:  # hold back a partial word: it may still change
-            printable = text[self.print_len : text.rfind(" ") + 1]
+            printable = text[printed : text.rfind(" ") + 1]
             self.print_len += len(printable)
+        drop = min(self.print_len - self._start, len(self._tail))
+        if drop > 0:
+            self._before, self._tail, self._start = self._tail[drop - 1], self._tail[drop:], self._start + drop
         self.on_finalized_text(printable)
 
     def end(self) -> None:
         printable = ""
-        if self.token_cache:
-            printable = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)[self.print_len :]
-            self.token_cache, self.print_len = [], 0
+        if self._n_ids:
+            printable = (self._tail + self._detok.finalize())[self.print_len - self._start :]
+            self._restart()
         self.next_tokens_are_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 
