@@ -327,10 +327,11 @@ def train(args: argparse.Namespace) -> int:
 
 # ---- bench -------------------------------------------------------------------------------------------
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("options", nargs="*", help="passed to the benchmark, e.g. --compile, --load, --batch 1 8")
+    parser.add_argument("options", nargs="*", help="passed to the benchmark, e.g. --compile, --load, --batch 1 8, "
+                        "--bundled --stream --lookup; `glmkit bench --help` lists them")  # fmt: skip
 
 
-@subcommand("bench", "decode / loading benchmark against transformers on the same random weights", _bench_arguments)
+@subcommand("bench", "decode / loading benchmark against transformers on the same weights", _bench_arguments)
 def bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -354,11 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `glmkit ARGS`; problems with the checkpoint or the arguments print one line and return 1."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "bench":  # everything after `bench` belongs to the benchmark's own parser
-        args.options = [*args.options, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench`, in order, is the benchmark's (its own --help too)
+        args = argparse.Namespace(command="bench", options=argv[1:], run=COMMANDS["bench"][2])
+    else:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (OSError, ValueError, ImportError) as err:
