@@ -108,6 +108,14 @@ class KVCache:
             self._ensure_room(batch_size, self.seen + T, device)
         elif self.valid is None:
             self._ensure_room(batch_size, self.capacity, device)
+        if token_mask is None and self.all_valid and self.uniform:  # the common case, in few small ops
+            self._start = self.seen
+            positions = torch.arange(self.seen, self.seen + T, device=device).expand(batch_size, T)
+            self.valid[:, self.seen : self.seen + T] = True
+            self.lengths, self.next_position = self.lengths + T, self.next_position + T
+            self.seen += T
+            self._slots = None  # made by _mask if a mask is needed
+            return self._mask(T), positions
         arange = torch.arange(T, device=device)
         self._slots = self.lengths[:, None] + arange  # (B, T)
         if token_mask is None:
@@ -153,6 +161,8 @@ class KVCache:
         K = self.valid.shape[1] if self.static else self.seen
         if T == 1 and self.all_valid and self.uniform:
             return None  # one query per row over exactly the keys written: all visible
+        if self._slots is None:
+            self._slots = (self.seen - T + torch.arange(T, device=self.valid.device)).expand(self.valid.shape[0], T)
         keys = torch.arange(K, device=self.valid.device)
         mask = self.valid[:, None, None, :K] & (keys <= self._slots[:, None, :, None])  # (B, 1, T, K)
         # a query with nothing to attend (padding) attends everything: no NaN out of softmax
@@ -160,7 +170,7 @@ class KVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) of one layer where `begin` said; return that layer's keys/values."""
-        if self._slots is None:
+        if self.valid is None:
             raise RuntimeError("KVCache.update before begin(): a forward pass calls begin() first")
         if layer_idx == len(self.keys):
             B, Hkv, _, D = k.shape

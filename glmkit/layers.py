@@ -24,10 +24,10 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op: the same math
+            return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -97,8 +97,11 @@ class RotaryEmbedding(nn.Module):
         self.scaling_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         self.factor = float((scaling or {}).get("factor", 1.0))
         self.cached_len = max_position_embeddings  # dynamic: longest length its base was raised for
+        self._inv_freq: torch.Tensor | None = None
 
     def inv_freq(self, device: torch.device, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        if seq_len is None and self._inv_freq is not None and self._inv_freq.device == device:
+            return self._inv_freq  # the same every call but under dynamic scaling: made once
         exponent = (
             torch.arange(0, self.dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / self.dim
         )
@@ -108,7 +111,10 @@ class RotaryEmbedding(nn.Module):
                 self.dim / (self.dim - 2)
             )
         inv_freq = 1.0 / (base**exponent)
-        return inv_freq / self.factor if self.scaling_type == "linear" else inv_freq
+        inv_freq = inv_freq / self.factor if self.scaling_type == "linear" else inv_freq
+        if seq_len is None and not torch.compiler.is_compiling():
+            self._inv_freq = inv_freq
+        return inv_freq
 
     def _dynamic_seq_len(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         # This is a host sync, taken only by dynamic scaling whose result depends on the longest position.
@@ -128,23 +134,47 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
+    def rotation(self, position_ids: torch.Tensor, dtype: torch.dtype, interleaved: bool, head_dim: int) -> Rotation:
+        """The tables `apply_rotary` needs for these positions, made once per forward pass for all layers."""
+        return Rotation(*self(position_ids, dtype), interleaved, head_dim)
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] channels of x (B, H, T, D); the rest pass through.
 
-    interleaved=True pairs channels (0,1), (2,3), … (GLM); False pairs i with i + dim/2 (Llama,
-    Persimmon). Mixing the two up gives fluent garbage, not an error.
+class Rotation:
+    """RoPE tables for one forward pass, over whole heads (B, 1, T, ·): channels past the rotary ones get
+    cos 1 / sin 0, which leaves them exactly as they are, so no slicing and re-joining per call.
+
+    interleaved=True pairs channels (0,1), (2,3), … (GLM): in fp32 one complex multiply. False pairs i
+    with i + dim/2 (Llama, Persimmon): x * [cos, cos] + [x2, x1] * [-sin, sin]. Mixing the two up gives
+    fluent garbage, not an error.
     """
-    half = cos.shape[-1]
-    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dim/2) broadcast over heads
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, head_dim: int):
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dim/2)
+        self.half, self.interleaved = cos.shape[-1], interleaved
+        rest = head_dim - 2 * self.half
+        if interleaved:
+            pad = head_dim // 2 - self.half
+            cos, sin = F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=0.0)  # (B, 1, T, D/2)
+            if cos.dtype == torch.float32:
+                self.cis = torch.complex(cos, sin)
+            else:  # no complex bf16 / fp16 math: the pairs are rotated in the model's dtype, as the reference
+                self.cis, self.cos, self.sin = None, cos, sin
+        else:
+            self.cos = F.pad(torch.cat((cos, cos), dim=-1), (0, rest), value=1.0)  # (B, 1, T, D)
+            self.sin = F.pad(torch.cat((-sin, sin), dim=-1), (0, rest), value=0.0)
+
+
+def apply_rotary(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """Rotate the first 2 * rot.half channels of each head of x (B, H, T, D); the rest pass through."""
+    if not rot.interleaved:  # [x1, x2, rest] * [cos, cos, 1] + [x2, x1, rest] * [-sin, sin, 0]
+        h = rot.half
+        swapped = torch.cat((x[..., h : 2 * h], x[..., :h], x[..., 2 * h :]), dim=-1)
+        return x * rot.cos + swapped * rot.sin
+    pairs = x.unflatten(-1, (x.shape[-1] // 2, 2))  # (B, H, T, D/2, 2)
+    if rot.cis is not None:  # (x1 + i x2) (cos + i sin)
+        return torch.view_as_real(torch.view_as_complex(pairs) * rot.cis).flatten(-2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x1 * rot.cos - x2 * rot.sin, x2 * rot.cos + x1 * rot.sin), dim=-1).flatten(-2)
 
 
 # ---- attention ------------------------------------------------------------------------------------

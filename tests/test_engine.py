@@ -32,7 +32,8 @@ FAMILIES = {
 def build(family: str, tmp_path_factory, seed: int = 0, **overrides):
     config_name, model_name, module_name, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
-    ref = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=VOCAB, **{**kwargs, **overrides}))
+    config = getattr(transformers, config_name)(vocab_size=VOCAB, **{**kwargs, **overrides})
+    ref = getattr(transformers, model_name)(config)
     scale_weights(ref.eval(), factor=6.0, seed=seed)
     path = tmp_path_factory.mktemp(f"{family}{seed}")
     ref.save_pretrained(path)
@@ -198,7 +199,8 @@ def test_default_path_syncs_rarely(pair, monkeypatch):
     reads = []
     for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, **k: reads.append(1) or _real(self, *a, **k))
+        counted = lambda self, *a, _real=real, **k: reads.append(1) or _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
     ours.generate(ids, max_new_tokens=64, eos_token_id=[1])
     monkeypatch.undo()
     assert 0 < len(reads) <= 64 // engine.CHECK_EVERY + 6, f"{len(reads)} host reads for 64 tokens"

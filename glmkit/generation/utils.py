@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from ..outputs import ModelOutput
+from ..tokenization import streaming_detokenizer
 from . import engine
 from .beam import beam_search
 from .config import DEFAULTS, GenerationConfig
-from .engine import Step, decode_steps
+from .engine import decode_steps
 from .processors import LogitsProcessor, build_processors
 from .speculative import AssistantDrafter, PromptLookup
 from .stopping import StopStrings
-
 
 
 @dataclass
@@ -146,7 +146,7 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         # a piece is decoded alone); their own text is not emitted
         for ids, keep in zip(input_ids.tolist(), attention_mask.tolist()):
             context = [t for t, m in zip(ids, keep) if m][-4:]
-            detokenizers.append(tokenizer.streaming_detokenizer(skip_special_tokens=True, prefix_ids=context))
+            detokenizers.append(streaming_detokenizer(tokenizer, skip_special_tokens=True, prefix_ids=context))
     done = [False] * B
     produced = 0
     # every step is synced here anyway (text needs the ids), so "all finished" is checked each step

@@ -120,12 +120,12 @@ class GlmAttention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, output_attentions=False):
+    def forward(self, x, rot, mask, cache, output_attentions=False):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin, interleaved=True), apply_rotary(k, cos, sin, interleaved=True)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out, weights = attention(
@@ -146,8 +146,8 @@ class GlmDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, output_attentions=False):
-        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_attentions)
+    def forward(self, x, rot, mask, cache, output_attentions=False):
+        attn, weights = self.self_attn(self.input_layernorm(x), rot, mask, cache, output_attentions)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, weights
@@ -186,8 +186,8 @@ class GlmModel(ChatGLMCheckpointMixin, DecoderModel):
 
     def core(self, x, positions, mask, cache, trace=None):
         """(B, T, C) embeddings at positions (B, T) -> (B, T, C) after the final norm."""
-        cos, sin = self.rotary_emb(positions, x.dtype)  # (B, T, rotary_dim/2)
-        return self.norm(run_layers(self.layers, x, (cos, sin, mask, cache), trace))
+        rot = self.rotary_emb.rotation(positions, x.dtype, True, self.config.head_dim)  # (B, 1, T, ...) tables
+        return self.norm(run_layers(self.layers, x, (rot, mask, cache), trace))
 
 
 class GlmForCausalLM(ChatGLMCheckpointMixin, ForCausalLM):

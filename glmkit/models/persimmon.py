@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..layers import RotaryEmbedding, apply_rotary, attention, get_activation
+from ..layers import RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
 from ..modeling import DecoderModel, run_layers
 
 
@@ -136,8 +136,7 @@ class PersimmonAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rot: Rotation,
         mask: torch.Tensor | None,
         cache: Any,
         output_attentions: bool = False,
@@ -146,7 +145,7 @@ class PersimmonAttention(nn.Module):
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rotary(q, cos, sin, interleaved=False), apply_rotary(k, cos, sin, interleaved=False)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out, weights = attention(
@@ -171,13 +170,12 @@ class PersimmonDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rot: Rotation,
         mask: torch.Tensor | None,
         cache: Any,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_attentions)
+        attn, weights = self.self_attn(self.input_layernorm(x), rot, mask, cache, output_attentions)
         x = x + attn
         x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
         return x, weights
@@ -206,8 +204,9 @@ class PersimmonModel(DecoderModel):
 
     def core(self, x, positions, mask, cache, trace=None):
         """(B, T, C) embeddings at positions (B, T) -> (B, T, C) after the final LayerNorm."""
-        cos, sin = self.rotary_emb(positions, x.dtype)  # (B, T, rotary_dim/2)
-        return self.final_layernorm(run_layers(self.layers, x, (cos, sin, mask, cache), trace))
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        rot = self.rotary_emb.rotation(positions, x.dtype, False, head_dim)  # (B, 1, T, ...) tables
+        return self.final_layernorm(run_layers(self.layers, x, (rot, mask, cache), trace))
 
 
 class PersimmonForCausalLM(ForCausalLM):

@@ -330,7 +330,8 @@ class XGLMModel(DecoderModel, XGLMPreTrainedModel):
         return super().forward(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, cache_position,
             output_attentions, output_hidden_states, return_dict, encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask, head_mask=head_mask, cross_attn_head_mask=cross_attn_head_mask,
+            encoder_attention_mask=encoder_attention_mask, head_mask=head_mask,
+            cross_attn_head_mask=cross_attn_head_mask,
         )  # fmt: skip
 
 

@@ -14,8 +14,8 @@ from conftest import scale_weights
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers.generation import logits_process as hf
 
-import glmkit.generation.utils as gen_utils
 import glmkit.generation.engine as gen_engine
+import glmkit.generation.utils as gen_utils
 from glmkit import AutoTokenizer
 from glmkit.generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from glmkit.generation.processors import build_processors
