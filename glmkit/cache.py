@@ -65,10 +65,6 @@ class KVCache:
     def __len__(self) -> int:
         return len(self.keys)
 
-    @property
-    def batch_size(self) -> int | None:
-        return None if self.lengths is None else self.lengths.shape[0]
-
     def _allocated(self) -> int:
         return 0 if self.valid is None else self.valid.shape[1]
 

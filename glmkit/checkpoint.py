@@ -1,7 +1,8 @@
 """Finding, reading and writing weights in the Hugging Face layout.
 
-safetensors first (single file or sharded with model.safetensors.index.json, read lazily from a
-memory map); `.bin` only through `torch.load(weights_only=True)`, which refuses pickled code.
+safetensors first (single file or sharded with model.safetensors.index.json): the header is parsed up
+front and each tensor is read on demand with plain file reads into its final memory (no file mapping
+stays resident); `.bin` only through `torch.load(weights_only=True, mmap=True)`, which refuses pickled code.
 """
 
 from __future__ import annotations

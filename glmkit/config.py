@@ -158,10 +158,6 @@ class PretrainedConfig:
         self.id2label = {i: f"LABEL_{i}" for i in range(value)}
         self.label2id = {v: k for k, v in self.id2label.items()}
 
-    @property
-    def use_return_dict(self) -> bool:
-        return self.return_dict
-
     # ---- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All attributes as JSON-able values, in the v4 form the reference loads."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -43,3 +44,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
 @pytest.fixture
 def save_dir(tmp_path: Path) -> Path:
     return tmp_path / "ckpt"
+
+
+# tiny causal LMs of every family (vocabulary VOCAB) for the decode-engine tests: (reference config class,
+# model class, glmkit module, config keywords)
+VOCAB = 96
+TINY_DECODERS = {
+    "glm": ("GlmConfig", "GlmForCausalLM", "glmkit.models.glm", dict(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=16, pad_token_id=0, eos_token_id=1,
+    )),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", "glmkit.models.xglm", dict(
+        d_model=48, ffn_dim=80, num_layers=2, attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        dropout=0.0, attention_dropout=0.0,
+    )),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", "glmkit.models.persimmon", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2,
+    )),
+}  # fmt: skip
+
+
+def reference_and_ours(family: str, directory: Path, seed: int = 0, **overrides):
+    """A random reference model of `family` (weights scaled up) and glmkit's, loaded from its saved copy."""
+    import transformers
+
+    config_name, model_name, module_name, kwargs = TINY_DECODERS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(vocab_size=VOCAB, **{**kwargs, **overrides})
+    ref = getattr(transformers, model_name)(config).eval()
+    scale_weights(ref, factor=6.0, seed=seed)
+    ref.save_pretrained(directory)
+    return ref, getattr(importlib.import_module(module_name), model_name).from_pretrained(directory)

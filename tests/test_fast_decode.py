@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
-import transformers
-from conftest import scale_weights
+from conftest import TINY_DECODERS, VOCAB, reference_and_ours, scale_weights
 
 from glmkit.generation import engine
 
-VOCAB = 96
-FAMILIES = {
-    "glm": ("GlmConfig", "GlmForCausalLM", "glmkit.models.glm", dict(
-        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=16, pad_token_id=0, eos_token_id=1,
-    )),
-    "xglm": ("XGLMConfig", "XGLMForCausalLM", "glmkit.models.xglm", dict(
-        d_model=48, ffn_dim=80, num_layers=2, attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=1,
-        dropout=0.0, attention_dropout=0.0,
-    )),
-    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", "glmkit.models.persimmon", dict(
-        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
-        eos_token_id=1, bos_token_id=2,
-    )),
-}  # fmt: skip
+FAMILIES = TINY_DECODERS
 STATIC = dict(cache_implementation="static")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def pair(request, tmp_path_factory):
     """(reference model, glmkit model) with the same weights, loaded through the real loader."""
-    config_name, model_name, module_name, kwargs = FAMILIES[request.param]
-    torch.manual_seed(0)
-    ref = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)).eval()
-    scale_weights(ref, factor=6.0)
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path)
-    return ref, getattr(importlib.import_module(module_name), model_name).from_pretrained(path)
+    return reference_and_ours(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def prompts(batch, length=9, seed=3):

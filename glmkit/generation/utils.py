@@ -80,7 +80,7 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
 def _drafter(model: Any, config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              total: int, assistant_model: Any) -> PromptLookup | AssistantDrafter | None:  # fmt: skip
     """The draft proposer speculative decoding asks for (prompt_lookup_num_tokens / assistant_model), checked."""
-    lookup = getattr(config, "prompt_lookup_num_tokens", None)
+    lookup = config.prompt_lookup_num_tokens
     if lookup is None and assistant_model is None:
         return None
     if lookup is not None and assistant_model is not None:
@@ -92,7 +92,7 @@ def _drafter(model: Any, config: GenerationConfig, input_ids: torch.Tensor, atte
     if not bool(attention_mask.all()):
         raise ValueError("speculative decoding needs a prompt without padding")
     if lookup is not None:
-        return PromptLookup(int(lookup), int(getattr(config, "max_matching_ngram_size", None) or 2))
+        return PromptLookup(int(lookup), int(config.max_matching_ngram_size or 2))
     ours, theirs = model.get_output_embeddings().out_features, assistant_model.get_output_embeddings().out_features
     if ours != theirs:
         raise ValueError(f"assistant_model must share the model's vocabulary: {theirs} logits vs {ours}")
