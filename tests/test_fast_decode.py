@@ -249,7 +249,7 @@ def test_compile_options():
     cpu, gpu = engine.compile_options(None, cuda=False), engine.compile_options(None, cuda=True)
     plain = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
              "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}  # fmt: skip
-    assert cpu == {"dynamic": False, "options": plain}
+    assert cpu == {"dynamic": False, "options": {**plain, "cpp_wrapper": True}}
     assert gpu["options"] == {**plain, "triton.cudagraphs": True}  # CUDA graphs = what "reduce-overhead" sets
     assert engine.compile_options({"mode": "max-autotune"}, cuda=True) == {"dynamic": False, "mode": "max-autotune"}
 

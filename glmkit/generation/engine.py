@@ -59,11 +59,13 @@ def compile_options(options: dict[str, Any] | None, cuda: bool) -> dict[str, Any
     "reduce-overhead" sets) and `emulate_precision_casts`, which rounds bf16/fp16 intermediates where eager
     does: without it the fused kernels keep them in fp32 and greedy bf16 tokens drift from the eager path's.
     The per-call stride checks are dropped: the step's inputs are built here, and on CPU the checks cost
-    about as much as the small fused kernels."""
+    about as much as the small fused kernels. On CPU the graph is called through inductor's C++ wrapper
+    (2-20 % more tokens/s measured: less Python per step)."""
     options = dict(options or {})
     if not {"mode", "options", "backend"} & set(options):
+        device_options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
         options["options"] = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
-                              **({"triton.cudagraphs": True} if cuda else {})}  # fmt: skip
+                              **device_options}  # fmt: skip
         skip_model_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
         if skip_model_guards is not None:  # see `model_signature`
             options["options"]["guard_filter_fn"] = skip_model_guards

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import Cache
 from ..checkpoint import CheckpointError, WeightReader
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..layers import RMSNorm, RotaryEmbedding, apply_rotary, attention, get_activation
+from ..layers import RMSNorm, RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
 from ..modeling import DecoderModel, run_layers
 
 
@@ -120,7 +121,8 @@ class GlmAttention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
-    def forward(self, x, rot, mask, cache, output_attentions=False):
+    def forward(self, x: torch.Tensor, rot: Rotation, mask: torch.Tensor | None, cache: Cache | None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import Cache
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..layers import RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
@@ -138,7 +139,7 @@ class PersimmonAttention(nn.Module):
         x: torch.Tensor,
         rot: Rotation,
         mask: torch.Tensor | None,
-        cache: Any,
+        cache: Cache | None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, T, H, D) each
@@ -172,7 +173,7 @@ class PersimmonDecoderLayer(nn.Module):
         x: torch.Tensor,
         rot: Rotation,
         mask: torch.Tensor | None,
-        cache: Any,
+        cache: Cache | None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn, weights = self.self_attn(self.input_layernorm(x), rot, mask, cache, output_attentions)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import Cache, KVCache
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM
 from ..layers import attention, build_attention_mask, get_activation
@@ -185,7 +185,8 @@ class XGLMAttention(nn.Module):
         B, S, _ = x.shape
         return x.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
 
-    def _keys_values(self, x: torch.Tensor, kv_states: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, ...]:
+    def _keys_values(self, x: torch.Tensor, kv_states: torch.Tensor | None,
+                     cache: Cache | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
         if kv_states is None:  # self-attention: the new positions join the cache
             k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
             return cache.update(self.layer_idx, k, v) if cache is not None else (k, v)
@@ -201,7 +202,7 @@ class XGLMAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: Any,
+        cache: Cache | None,
         kv_states: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
