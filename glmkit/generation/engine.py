@@ -123,12 +123,11 @@ class Decoder:
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
 
-    def prefill(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None,
-                chunk: int | None = None) -> torch.Tensor:  # fmt: skip
-        """Run the prompt (B, P) through the model in chunks (eagerly); fp32 logits (B, V) of its last position.
-        Ids are range-checked here, once per call."""
+    def prefill(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt (B, P) through the model in chunks of PREFILL_CHUNK (eagerly); fp32 logits (B, V) of
+        its last position. Ids are range-checked here, once per call. Called again, it continues the cache."""
         check_token_ids(ids, self.model.base_model.embed_tokens.num_embeddings)
-        chunk = chunk or PREFILL_CHUNK
+        chunk = PREFILL_CHUNK
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None  # no padding: the cache can skip masks for one-token steps
         logits = None
