@@ -1,0 +1,400 @@
+"""Continuous batching on the decode engine: requests join and leave the running batch between steps.
+
+One background thread owns the model. Each step it admits waiting requests (each prompt is prefilled in
+chunks into a cache of its own, interleaved with decode steps, so a long prompt never stalls the running
+streams), stacks their caches into the running batch (`KVCache.stack`: every row keeps its own length
+and positions), decodes one token for every running row, and drops rows that finished or were cancelled.
+Sampling is per request (its own settings and its own seeded generator), so a request's tokens do not
+depend on what else shares the batch. Events go to each request's callback from the engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cache import KVCache
+from ..generation.engine import PREFILL_CHUNK, forward_tokens
+from ..tokenization import streaming_detokenizer
+
+logger = logging.getLogger("glmkit.serve")
+
+
+class QueueFull(RuntimeError):
+    """The wait queue holds max_queue_len requests already (the server answers 429)."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (too long a prompt, bad ids, bad settings): the server answers 400."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings, with OpenAI's meanings. temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # strings: the text is cut before the first one
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end the request (not shown)
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+
+
+@dataclass
+class Event:
+    """What a request produced in one engine step (delivered to its callback, in order)."""
+
+    request_id: str
+    token_ids: list[int]  # new ids (a stop string's ids included; its text is not)
+    text: str  # new text, never a partial character; a stop string and what follows it are cut
+    finish_reason: str | None = None  # "stop" / "length" / "abort" (cancelled) / "error"
+    logprobs: list[dict[str, Any]] | None = None  # per new token: {"id", "logprob", "top": [(id, logprob)]}
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # so far
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    request_id: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Sequence:
+    """A request inside the engine: its cache while prefilling, its sampler state and text state."""
+
+    request: Request
+    eos: set[int]
+    detok: Any
+    generator: torch.Generator
+    prefilled: int = 0  # prompt tokens through the model so far
+    cache: KVCache | None = None  # its own until it joins the running batch
+    generated: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # (V,) generated-token counts (presence / frequency penalties)
+    text: str = ""  # emitted text, for stop strings
+    held: str = ""  # text held back: it may be the start of a stop string
+    done: bool = False
+
+
+class Scheduler:
+    """The engine thread. `submit` (any thread) returns at once; results arrive through `on_event`.
+
+    max_num_seqs: rows decoded together; max_queue_len: requests waiting beyond those (QueueFull past it);
+    max_model_len: prompt + max_tokens limit (RequestError past it; default the model's position limit).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_num_seqs: int = 32, max_queue_len: int = 256,
+                 max_model_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK):  # fmt: skip
+        if max_num_seqs < 1 or max_queue_len < 0 or prefill_chunk < 1:
+            raise ValueError("max_num_seqs and prefill_chunk must be >= 1, max_queue_len >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_num_seqs, self.max_queue_len, self.prefill_chunk = max_num_seqs, max_queue_len, prefill_chunk
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_model_len = max_model_len or limit or 2048
+        self.vocab_size = model.get_output_embeddings().out_features
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos = eos if eos is not None else model.config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
+        self.device = model.device
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # row order of self._batch
+        self._batch: KVCache | None = None
+        self._cancelled: set[str] = set()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+
+    # ---- the API (any thread) -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Finish: every request still queued or running gets finish_reason "abort"; the thread ends."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for seq in [*self._waiting, *self._prefilling, *self._running]:
+            self._finish(seq, "abort")
+        self._waiting.clear()
+        self._prefilling, self._running, self._batch = [], [], None
+
+    def submit(self, request: Request) -> str:
+        """Queue a request; returns its id. Raises RequestError (bad request) or QueueFull."""
+        self._check(request)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue_len + max(0, self.max_num_seqs - self._active()):
+                raise QueueFull(f"the wait queue is full ({self.max_queue_len} requests waiting)")
+            if not request.request_id:
+                request.request_id = f"req-{next(self._ids)}"
+            self._waiting.append(self._sequence(request))
+            self._lock.notify_all()
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (client gone): its row is freed before the next step; it gets an "abort" event."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify_all()
+
+    def stats(self) -> dict[str, float]:
+        """running, waiting, kv_cache_usage (slots written / allocated), and the token counters."""
+        batch = self._batch
+        usage = 0.0
+        if batch is not None and batch.valid is not None and batch.valid.numel():
+            usage = float(batch.lengths.sum()) / batch.valid.numel()
+        return {"running": len(self._running), "waiting": len(self._waiting) + len(self._prefilling),
+                "kv_cache_usage": usage, **self.counters}  # fmt: skip
+
+    # ---- checks and set-up --------------------------------------------------------------------------
+    def _active(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    def _check(self, request: Request) -> None:
+        ids, p = request.prompt_ids, request.params
+        if not ids:
+            raise RequestError("the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if p.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {p.max_tokens}")
+        if len(ids) + p.max_tokens > self.max_model_len:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the "
+                               f"model's context of {self.max_model_len} tokens")  # fmt: skip
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0 or not 0 <= p.min_p <= 1:
+            raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and min_p in [0, 1]")
+        if p.repetition_penalty <= 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        bad = [i for i in (*p.logit_bias, *p.stop_token_ids) if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad} in logit_bias / stop_token_ids are outside 0..{self.vocab_size - 1}")
+        if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+            raise RequestError(f"logprobs must be in 0..20, got {p.logprobs}")
+
+    def _sequence(self, request: Request) -> _Sequence:
+        p = request.params
+        generator = torch.Generator(self.device)
+        if p.seed is not None:
+            generator.manual_seed(p.seed)
+        else:
+            generator.seed()
+        eos = set() if p.ignore_eos else set(self.eos_ids)
+        detok = streaming_detokenizer(self.tokenizer, skip_special_tokens=True, prefix_ids=request.prompt_ids[-4:])
+        return _Sequence(request, eos | set(p.stop_token_ids), detok, generator)
+
+    # ---- the engine thread --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not (self._waiting or self._prefilling or self._running
+                                                      or self._cancelled):  # fmt: skip
+                        self._lock.wait(timeout=1.0)
+                    if self._stopping:
+                        return
+                    cancelled, self._cancelled = self._cancelled, set()
+                    self._drop_cancelled(cancelled)
+                    while self._waiting and self._active() < self.max_num_seqs:
+                        self._prefilling.append(self._waiting.popleft())
+                try:
+                    self._step()
+                except Exception as err:  # noqa: BLE001 - a failed step must not end the server
+                    logger.exception("engine step failed")
+                    for seq in [*self._prefilling, *self._running]:
+                        self._finish(seq, "error", error=f"{type(err).__name__}: {err}")
+                    self._prefilling, self._running, self._batch = [], [], None
+
+    def _drop_cancelled(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        for seq in [s for s in self._waiting if s.request.request_id in ids]:
+            self._waiting.remove(seq)
+            self._finish(seq, "abort")
+        for seq in [s for s in self._prefilling if s.request.request_id in ids]:
+            self._prefilling.remove(seq)
+            self._finish(seq, "abort")
+        for seq in self._running:
+            if seq.request.request_id in ids:
+                self._finish(seq, "abort")
+        self._compact()
+
+    def _step(self) -> None:
+        """A prefill budget of `prefill_chunk` prompt tokens, then one decode step for every running row."""
+        budget = self.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill(seq, budget)
+        if self._running:
+            tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
+            logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
+            for row, seq in enumerate(self._running):
+                self._take(seq, logits[row])
+            self._compact()
+
+    def _prefill(self, seq: _Sequence, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of this prompt; returns the tokens used."""
+        ids = seq.request.prompt_ids
+        if seq.cache is None:
+            seq.cache = self.model.base_model.cache_class()
+        part = ids[seq.prefilled : seq.prefilled + budget]
+        logits = forward_tokens(self.model, seq.cache, torch.tensor([part], device=self.device))
+        seq.prefilled += len(part)
+        if seq.prefilled < len(ids):
+            return len(part)
+        self._prefilling.remove(seq)
+        self.counters["prompt_tokens_total"] += len(ids)
+        self._take(seq, logits[0])
+        if not seq.done:
+            self._batch = seq.cache if self._batch is None else KVCache.stack([self._batch, seq.cache])
+            self._running.append(seq)
+        seq.cache = None
+        return len(part)
+
+    def _compact(self) -> None:
+        """Drop finished rows from the batch (their cache rows with them)."""
+        keep = [i for i, s in enumerate(self._running) if not s.done]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._batch = None
+            return
+        self._batch.reorder(torch.tensor(keep, device=self.device))
+        self._batch.seen = int(self._batch.lengths.max())
+
+    # ---- one token of one request -------------------------------------------------------------------
+    def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Choose the next token from raw logits (V,), update the text, emit the event, maybe finish."""
+        p = seq.request.params
+        logits = logits.float()
+        scores = self._processed(seq, logits)
+        if p.temperature == 0:
+            token = int(scores.argmax())
+        else:
+            probs = torch.softmax(_filtered(scores / p.temperature, p.top_k, p.top_p, p.min_p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        seq.generated.append(token)
+        self.counters["generation_tokens_total"] += 1
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        logprobs = None
+        if p.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            top = torch.topk(lp, p.logprobs) if p.logprobs else None
+            logprobs = [{"id": token, "logprob": float(lp[token]),
+                         "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []}]
+        reason = None
+        if token in seq.eos:
+            reason, text = "stop", seq.detok.finalize()
+        else:
+            text = seq.detok.add(token)
+            total = len(seq.request.prompt_ids) + len(seq.generated)
+            if len(seq.generated) >= p.max_tokens or total >= self.max_model_len:
+                reason, text = "length", text + seq.detok.finalize()
+        text, stopped = self._stop_strings(seq, text, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        self._emit(seq, Event(seq.request.request_id, [token], text, reason, logprobs))
+        if reason is not None:
+            seq.done = True
+
+    def _processed(self, seq: _Sequence, logits: torch.Tensor) -> torch.Tensor:
+        p = seq.request.params
+        scores = logits
+        if p.logit_bias:
+            index = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
+            scores = scores.index_add(0, index, torch.tensor(list(p.logit_bias.values()), device=logits.device))
+        if p.repetition_penalty != 1.0:  # the reference's rule, over prompt and output
+            seen = torch.tensor(sorted(set(seq.request.prompt_ids) | set(seq.generated)), device=logits.device)
+            picked = scores[seen]
+            scores = scores.index_copy(0, seen, torch.where(picked > 0, picked / p.repetition_penalty,
+                                                            picked * p.repetition_penalty))  # fmt: skip
+        if p.presence_penalty or p.frequency_penalty:  # OpenAI's rule, over the output only
+            if seq.counts is None:
+                seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
+                for t in seq.generated:
+                    seq.counts[t] += 1
+            scores = scores - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0)
+        return scores
+
+    def _stop_strings(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
+        """Cut the text before the first stop string; hold back a tail that may begin one."""
+        stops = seq.request.params.stop
+        if not stops:
+            return text, False
+        pending = seq.held + text
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            seq.held = ""
+            return pending[: min(hits)], True
+        keep = 0 if final else max(len(s) for s in stops) - 1
+        keep = min(keep, len(pending))
+        cut = len(pending) - keep
+        # hold back only a tail that is a prefix of some stop string
+        while cut < len(pending) and not any(s.startswith(pending[cut:]) for s in stops):
+            cut += 1
+        seq.held = pending[cut:]
+        return pending[:cut], False
+
+    def _emit(self, seq: _Sequence, event: Event) -> None:
+        event.prompt_tokens = len(seq.request.prompt_ids)
+        event.completion_tokens = len(seq.generated)
+        seq.text += event.text
+        try:
+            seq.request.on_event(event)
+        except Exception:  # noqa: BLE001 - a broken consumer ends its own request only
+            logger.exception("request %s: event callback failed; cancelling it", seq.request.request_id)
+            seq.done = True
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self._emit(seq, Event(seq.request.request_id, [], "", reason, error=error))
+
+
+def _filtered(scores: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Top-k, then top-p (nucleus), then min-p filtering of temperature-scaled scores (V,)."""
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) > top_p  # keep the token that crosses top_p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return scores
