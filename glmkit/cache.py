@@ -216,6 +216,19 @@ class KVCache:
         self.next_position = self.next_position.index_select(0, index)
         self.valid = self.valid.index_select(0, index)
 
+    def clone(self) -> KVCache:
+        """An independent copy holding the written slots only (e.g. a prompt's KV kept for reuse)."""
+        if self.static or self.lengths is None:
+            raise ValueError("clone needs a written, non-static cache")
+        out = type(self)()
+        n = max(self.seen, 1)
+        out.keys = [k[:, :, :n].clone() for k in self.keys]
+        out.values = [v[:, :, :n].clone() for v in self.values]
+        out.valid = self.valid[:, :n].clone()
+        out.lengths, out.next_position = self.lengths.clone(), self.next_position.clone()
+        out.seen, out.uniform, out.all_valid = self.seen, self.uniform, self.all_valid
+        return out
+
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
         """One batch from caches of single rows or batches (what a server does when rows join): every row

@@ -185,3 +185,23 @@ def test_bad_requests_and_a_full_queue(bundled):
     with pytest.raises(QueueFull):
         scheduler.submit(Request([5], ok, print))
     scheduler.stop()
+
+
+def test_prefix_cache_reuses_a_shared_prompt(bundled):
+    """A second prompt that starts with the first one's tokens reuses their KV: same output as alone."""
+    model, tokenizer = bundled
+    system = tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n").input_ids
+    prompts = [system, system + tokenizer(" Speak, speak.").input_ids[1:]]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=1, min_prefix=4)
+    scheduler.start()
+    try:
+        for i, ids in enumerate(prompts):
+            collect = Collector(1)
+            scheduler.submit(Request(ids, params, collect, request_id=str(i)))
+            collect.wait()
+            want = model.generate(torch.tensor([ids]), max_new_tokens=10, eos_token_id=None)[0, len(ids) :]
+            assert collect.tokens(str(i)) == want.tolist()
+    finally:
+        scheduler.stop()
+    assert scheduler.stats()["prefix_cache_hit_tokens_total"] == len(system)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,9 +105,14 @@ class Scheduler:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_num_seqs: int = 32, max_queue_len: int = 256,
-                 max_model_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK):  # fmt: skip
-        if max_num_seqs < 1 or max_queue_len < 0 or prefill_chunk < 1:
-            raise ValueError("max_num_seqs and prefill_chunk must be >= 1, max_queue_len >= 0")
+                 max_model_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_size: int = 16, min_prefix: int = 8):  # fmt: skip
+        if max_num_seqs < 1 or max_queue_len < 0 or prefill_chunk < 1 or prefix_cache_size < 0:
+            raise ValueError("max_num_seqs and prefill_chunk must be >= 1, max_queue_len and prefix_cache_size >= 0")
+        # prompts kept after prefill (their KV): a new prompt sharing at least `min_prefix` leading tokens with
+        # one reuses that much of it (a system prompt, a chat's earlier turns)
+        self.prefix_cache_size, self.min_prefix = prefix_cache_size, min_prefix
+        self._prefixes: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_num_seqs, self.max_queue_len, self.prefill_chunk = max_num_seqs, max_queue_len, prefill_chunk
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -125,7 +131,7 @@ class Scheduler:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0}
 
     # ---- the API (any thread) -----------------------------------------------------------------------
     def start(self) -> None:
@@ -266,7 +272,7 @@ class Scheduler:
         """The next chunk (at most `budget` tokens) of this prompt; returns the tokens used."""
         ids = seq.request.prompt_ids
         if seq.cache is None:
-            seq.cache = self.model.base_model.cache_class()
+            seq.cache, seq.prefilled = self._cached_prefix(ids)
         part = ids[seq.prefilled : seq.prefilled + budget]
         logits = forward_tokens(self.model, seq.cache, torch.tensor([part], device=self.device))
         seq.prefilled += len(part)
@@ -274,12 +280,37 @@ class Scheduler:
             return len(part)
         self._prefilling.remove(seq)
         self.counters["prompt_tokens_total"] += len(ids)
+        self._keep_prefix(ids, seq.cache)
         self._take(seq, logits[0])
         if not seq.done:
             self._batch = seq.cache if self._batch is None else KVCache.stack([self._batch, seq.cache])
             self._running.append(seq)
         seq.cache = None
         return len(part)
+
+    def _cached_prefix(self, ids: list[int]) -> tuple[KVCache, int]:
+        """A cache holding the longest kept prefix of `ids` (all but its last token at most), and its length."""
+        best, length = None, 0
+        for key in self._prefixes:
+            n = len(os.path.commonprefix([key, tuple(ids[: len(key)])]))
+            if n > length:
+                best, length = key, n
+        length = min(length, len(ids) - 1)
+        if best is None or length < self.min_prefix:
+            return self.model.base_model.cache_class(), 0
+        self._prefixes.move_to_end(best)
+        cache = self._prefixes[best].clone()
+        cache.rewind(cache.seen - length)
+        self.counters["prefix_cache_hit_tokens_total"] += length
+        return cache, length
+
+    def _keep_prefix(self, ids: list[int], cache: KVCache) -> None:
+        if self.prefix_cache_size == 0 or len(ids) < self.min_prefix:
+            return
+        self._prefixes[tuple(ids)] = cache.clone()
+        self._prefixes.move_to_end(tuple(ids))
+        while len(self._prefixes) > self.prefix_cache_size:
+            self._prefixes.popitem(last=False)
 
     def _compact(self) -> None:
         """Drop finished rows from the batch (their cache rows with them)."""
