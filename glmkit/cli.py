@@ -338,6 +338,64 @@ def bench(args: argparse.Namespace) -> int:
     return bench_main(args.options)
 
 
+# ---- serve -------------------------------------------------------------------------------------------
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default:glm", help="checkpoint directory, hub id, or default:glm|xglm|persimmon"
+    )
+    parser.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the local hub cache only")
+    parser.add_argument("--cache-dir", help="hub cache directory (default: HF_HUB_CACHE)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
+    parser.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
+    parser.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's)")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $GLMKIT_API_KEY if set)")
+
+
+@subcommand("serve", "OpenAI-compatible HTTP server with continuous batching", _serve_arguments)
+def serve(args: argparse.Namespace) -> int:
+    """Load the model, start the scheduler, serve until interrupted; the scheduler stops with the server."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as err:
+        raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
+    from .auto import AutoModelForCausalLM
+    from .serve.scheduler import Scheduler
+    from .tokenization import AutoTokenizer
+
+    hub = hub_options(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    max_model_len = args.max_model_len or limit
+    if max_model_len is None:
+        raise ValueError("--max-model-len is needed: the model's config has no max_position_embeddings")
+    if limit and max_model_len > limit:
+        raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
+                          max_model_len=max_model_len)  # fmt: skip
+    name = args.served_model_name or args.model
+    app = create_app(scheduler, tokenizer, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"),
+                     max_model_len=max_model_len)  # fmt: skip
+    print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
+    scheduler.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        scheduler.stop()
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -343,8 +343,13 @@ class Scheduler:
         if p.logprobs is not None:
             lp = torch.log_softmax(logits, dim=-1)
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
-            logprobs = [{"id": token, "logprob": float(lp[token]),
-                         "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []}]
+            logprobs = [
+                {
+                    "id": token,
+                    "logprob": float(lp[token]),
+                    "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+                }
+            ]
         reason = None
         if token in seq.eos:
             reason, text = "stop", seq.detok.finalize()
