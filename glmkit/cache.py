@@ -52,7 +52,6 @@ class KVCache:
         self.seen = 0  # host copy of max(lengths) (a static cache keeps none)
         self.uniform = not static  # every row has written the same number of slots: writes are slices
         self.all_valid = True  # no padding written yet: a one-token query then needs no mask
-        self._start = 0  # where the current forward writes when uniform
         self._slots: torch.Tensor | None = None  # (B, T) where it writes
 
     # ---- state ------------------------------------------------------------------------------------
@@ -105,13 +104,12 @@ class KVCache:
         elif self.valid is None:
             self._ensure_room(batch_size, self.capacity, device)
         if token_mask is None and self.all_valid and self.uniform:  # the common case, in few small ops
-            self._start = self.seen
             positions = torch.arange(self.seen, self.seen + T, device=device).expand(batch_size, T)
             self.valid[:, self.seen : self.seen + T] = True
             self.lengths, self.next_position = self.lengths + T, self.next_position + T
             self.seen += T
             self._slots = None  # made by _mask if a mask is needed
-            return self._mask(T), positions
+            return self.attention_mask(T), positions
         arange = torch.arange(T, device=device)
         self._slots = self.lengths[:, None] + arange  # (B, T)
         if token_mask is None:
@@ -127,16 +125,15 @@ class KVCache:
             self.valid.index_put_((rows, self._slots), real if real is not None else torch.ones_like(self._slots) > 0)
             self.lengths.add_(T)
             self.next_position.add_(counted[..., -1])
-            return self._mask(T), positions
-        self._start = self.seen
+            return self.attention_mask(T), positions
         if self.uniform:
-            self.valid[:, self._start : self._start + T] = True if real is None else real
+            self.valid[:, self.seen : self.seen + T] = True if real is None else real
         else:
             self.valid[torch.arange(batch_size, device=device)[:, None], self._slots] = True if real is None else real
         self.lengths = self.lengths + T
         self.next_position = self.next_position + counted[..., -1]
         self.seen += T
-        return self._mask(T), positions
+        return self.attention_mask(T), positions
 
     def set_valid(self, attention_mask: torch.Tensor) -> None:
         """The reference's semantics for a mask over all keys so far (B, >= seen): it may re-mark earlier
@@ -150,10 +147,7 @@ class KVCache:
             self.all_valid = False
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
-        """The mask of the current forward pass (after `begin` / `set_valid`)."""
-        return self._mask(T)
-
-    def _mask(self, T: int) -> torch.Tensor | None:
+        """The mask (B, 1, T, K) of the current forward pass (after `begin` / `set_valid`)."""
         K = self.valid.shape[1] if self.static else self.seen
         if T == 1 and self.all_valid and self.uniform:
             return None  # one query per row over exactly the keys written: all visible
@@ -177,8 +171,9 @@ class KVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.uniform:
             T = k.shape[2]
-            keys[:, :, self._start : self._start + T] = k
-            values[:, :, self._start : self._start + T] = v
+            start = self.seen - T  # begin() has counted this forward's T slots already
+            keys[:, :, start : self.seen] = k
+            values[:, :, start : self.seen] = v
             return keys[:, :, : self.seen], values[:, :, : self.seen]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         keys[rows, :, self._slots] = k.transpose(1, 2)  # (B, T, Hkv, D) into (B, Hkv, S, D) at each row's slots

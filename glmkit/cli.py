@@ -139,7 +139,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 # ---- generate / chat -----------------------------------------------------------------------------------
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _load_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which checkpoint to load and how (generate, chat, serve)."""
     parser.add_argument(
         "--model", default="default:glm", help="checkpoint directory, hub id, or default:glm|xglm|persimmon"
     )
@@ -148,6 +149,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="hub cache directory (default: HF_HUB_CACHE)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    _load_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float)
@@ -340,14 +345,7 @@ def bench(args: argparse.Namespace) -> int:
 
 # ---- serve -------------------------------------------------------------------------------------------
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="default:glm", help="checkpoint directory, hub id, or default:glm|xglm|persimmon"
-    )
-    parser.add_argument("--revision", help="hub branch, tag or commit (default: main)")
-    parser.add_argument("--local-files-only", action="store_true", help="use the local hub cache only")
-    parser.add_argument("--cache-dir", help="hub cache directory (default: HF_HUB_CACHE)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    _load_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", help="the model name clients send (default: --model)")

@@ -92,7 +92,6 @@ class _Sequence:
     cache: KVCache | None = None  # its own until it joins the running batch
     generated: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # (V,) generated-token counts (presence / frequency penalties)
-    text: str = ""  # emitted text, for stop strings
     held: str = ""  # text held back: it may be the start of a stop string
     done: bool = False
 
@@ -406,7 +405,6 @@ class Scheduler:
     def _emit(self, seq: _Sequence, event: Event) -> None:
         event.prompt_tokens = len(seq.request.prompt_ids)
         event.completion_tokens = len(seq.generated)
-        seq.text += event.text
         try:
             seq.request.on_event(event)
         except Exception:  # noqa: BLE001 - a broken consumer ends its own request only
