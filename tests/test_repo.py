@@ -21,9 +21,12 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [
         line
         for line in (REPO / ".ci" / "run").read_text().splitlines()
-        if not line.startswith(("#", "set ", "cd "))
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
-    assert [line for line in ci_lines if line.strip()] == [test_cmd]
+    # The README's test command runs first and alone; the optional stacks' steps follow it.
+    assert ci_lines[0] == test_cmd
+    assert ci_lines[1] == "deactivate" and all(test_cmd not in line for line in ci_lines[1:])
+    assert any(".ci/steps/" in line for line in ci_lines[2:])
 
 
 def test_quickstart_runs():
