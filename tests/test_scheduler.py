@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -205,3 +206,44 @@ def test_prefix_cache_reuses_a_shared_prompt(bundled):
     finally:
         scheduler.stop()
     assert scheduler.stats()["prefix_cache_hit_tokens_total"] == len(system)
+
+
+SCHEMA = {"type": "object", "properties": {"act": {"type": "integer"}, "scene": {"type": "string", "maxLength": 12}},
+          "required": ["act", "scene"], "additionalProperties": False}  # fmt: skip
+
+
+def test_a_json_schema_grammar_shapes_one_request_only():
+    """A grammar-constrained request yields JSON that parses and fits the schema (the same prompt without
+    it does not), while an unconstrained request in the same batch still equals generate() alone."""
+    pytest.importorskip("llguidance")
+    from glmkit.generation.grammar import json_grammar
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("default:glm"), AutoTokenizer.from_pretrained("default:glm")
+    ids = tokenizer("ROMEO:").input_ids
+    free = SamplingParams(max_tokens=150, temperature=0.0)
+    shaped = SamplingParams(max_tokens=150, temperature=0.0, grammar=json_grammar(SCHEMA))
+    got = run(model, tokenizer, [(ids, shaped), (ids, free)], max_num_seqs=2)
+    value = json.loads(got.text("0"))
+    assert set(value) == {"act", "scene"} and isinstance(value["act"], int) and len(value["scene"]) <= 12
+    assert got.reason("0") == "stop"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(got.text("1"))
+    want = model.generate(torch.tensor([ids]), max_new_tokens=150)[0, len(ids) :].tolist()
+    assert got.tokens("1") == want
+
+
+def test_a_grammar_that_cannot_compile_or_be_spelled():
+    pytest.importorskip("llguidance")
+    from glmkit.generation.grammar import json_grammar, lark_grammar
+
+    model = AutoModelForCausalLM.from_pretrained("default:xglm")
+    tokenizer = AutoTokenizer.from_pretrained("default:xglm")
+    scheduler = Scheduler(model, tokenizer)
+    with pytest.raises(RequestError, match="grammar"):
+        scheduler.submit(Request([2, 100], SamplingParams(grammar=lark_grammar("start: missing_rule")), print))
+    # the bundled XGLM's vocabulary has no "{": that request ends with an error, its neighbour goes on
+    ids = tokenizer("ROMEO:").input_ids
+    requests = [(ids, SamplingParams(max_tokens=8, grammar=json_grammar())), (ids, SamplingParams(max_tokens=8))]
+    got = run(model, tokenizer, requests, max_num_seqs=2)
+    assert got.reason("0") == "error" and "stuck" in got.events["0"][-1].error
+    assert got.reason("1") == "length" and len(got.tokens("1")) == 8

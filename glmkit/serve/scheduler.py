@@ -24,6 +24,7 @@ import torch
 
 from ..cache import KVCache
 from ..generation.engine import PREFILL_CHUNK, forward_tokens
+from ..generation.grammar import Constraint, GrammarError, grammar_tokenizer
 from ..tokenization import streaming_detokenizer
 
 logger = logging.getLogger("glmkit.serve")
@@ -55,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    grammar: str | None = None  # llguidance grammar (glmkit.generation.grammar): only tokens it accepts
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # (V,) generated-token counts (presence / frequency penalties)
     held: str = ""  # text held back: it may be the start of a stop string
+    constraint: Constraint | None = None  # the grammar's state, when the request has one
     done: bool = False
 
 
@@ -156,12 +159,13 @@ class Scheduler:
     def submit(self, request: Request) -> str:
         """Queue a request; returns its id. Raises RequestError (bad request) or QueueFull."""
         self._check(request)
+        constraint = self._constraint(request.params.grammar)
         with self._lock:
             if len(self._waiting) >= self.max_queue_len + max(0, self.max_num_seqs - self._active()):
                 raise QueueFull(f"the wait queue is full ({self.max_queue_len} requests waiting)")
             if not request.request_id:
                 request.request_id = f"req-{next(self._ids)}"
-            self._waiting.append(self._sequence(request))
+            self._waiting.append(self._sequence(request, constraint))
             self._lock.notify_all()
         return request.request_id
 
@@ -206,7 +210,19 @@ class Scheduler:
         if p.logprobs is not None and not 0 <= p.logprobs <= 20:
             raise RequestError(f"logprobs must be in 0..20, got {p.logprobs}")
 
-    def _sequence(self, request: Request) -> _Sequence:
+    def grammar_tokenizer(self) -> Any:
+        """The grammar engine's view of this model's vocabulary (for building grammars against it)."""
+        return grammar_tokenizer(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+
+    def _constraint(self, grammar: str | None) -> Constraint | None:
+        if grammar is None:
+            return None
+        try:
+            return Constraint(grammar, self.grammar_tokenizer())
+        except (GrammarError, ImportError) as err:
+            raise RequestError(str(err)) from err
+
+    def _sequence(self, request: Request, constraint: Constraint | None = None) -> _Sequence:
         p = request.params
         generator = torch.Generator(self.device)
         if p.seed is not None:
@@ -215,7 +231,7 @@ class Scheduler:
             generator.seed()
         eos = set() if p.ignore_eos else set(self.eos_ids)
         detok = streaming_detokenizer(self.tokenizer, skip_special_tokens=True, prefix_ids=request.prompt_ids[-4:])
-        return _Sequence(request, eos | set(p.stop_token_ids), detok, generator)
+        return _Sequence(request, eos | set(p.stop_token_ids), detok, generator, constraint=constraint)
 
     # ---- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -264,7 +280,7 @@ class Scheduler:
             tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
             logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
             for row, seq in enumerate(self._running):
-                self._take(seq, logits[row])
+                self._take_or_fail(seq, logits[row])
             self._compact()
 
     def _prefill(self, seq: _Sequence, budget: int) -> int:
@@ -280,7 +296,7 @@ class Scheduler:
         self._prefilling.remove(seq)
         self.counters["prompt_tokens_total"] += len(ids)
         self._keep_prefix(ids, seq.cache)
-        self._take(seq, logits[0])
+        self._take_or_fail(seq, logits[0])
         if not seq.done:
             self._batch = seq.cache if self._batch is None else KVCache.stack([self._batch, seq.cache])
             self._running.append(seq)
@@ -324,11 +340,20 @@ class Scheduler:
         self._batch.seen = int(self._batch.lengths.max())
 
     # ---- one token of one request -------------------------------------------------------------------
+    def _take_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """`_take`; a failure that belongs to this request (its grammar) ends it alone, with an error."""
+        try:
+            self._take(seq, logits)
+        except GrammarError as err:
+            self._finish(seq, "error", error=str(err))
+
     def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token from raw logits (V,), update the text, emit the event, maybe finish."""
         p = seq.request.params
         logits = logits.float()
         scores = self._processed(seq, logits)
+        if seq.constraint is not None:
+            scores = seq.constraint.mask(scores)
         if p.temperature == 0:
             token = int(scores.argmax())
         else:
@@ -354,8 +379,12 @@ class Scheduler:
             reason, text = "stop", seq.detok.finalize()
         else:
             text = seq.detok.add(token)
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
+                if seq.constraint.done:  # the grammar is complete: nothing else may follow
+                    reason, text = "stop", text + seq.detok.finalize()
             total = len(seq.request.prompt_ids) + len(seq.generated)
-            if len(seq.generated) >= p.max_tokens or total >= self.max_model_len:
+            if reason is None and (len(seq.generated) >= p.max_tokens or total >= self.max_model_len):
                 reason, text = "length", text + seq.detok.finalize()
         text, stopped = self._stop_strings(seq, text, final=reason is not None)
         if stopped:
