@@ -13,6 +13,7 @@ from .cache import KVCache
 from .chat import ChatTemplateError
 from .checkpoint import CheckpointError, infer_device
 from .config import ConfigError, PretrainedConfig
+from .eval import Score, loglikelihood_rolling, perplexity, score
 from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
 from .modeling import InputError, PreTrainedModel
 from .models.glm import (
@@ -82,4 +83,8 @@ __all__ = [
     "XGLMModel",
     "XGLMPreTrainedModel",
     "infer_device",
+    "Score",
+    "loglikelihood_rolling",
+    "perplexity",
+    "score",
 ]
