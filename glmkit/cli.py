@@ -394,6 +394,59 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- perplexity / eval -------------------------------------------------------------------------------
+def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, "model")
+    parser.add_argument("--data", required=True, help="UTF-8 text file to score")
+    parser.add_argument("--max-length", type=int, help="inputs per window (default: the model's positions)")
+    parser.add_argument("--stride", type=int, help="tokens each window advances (default: --max-length, disjoint "
+                        "windows; smaller gives each scored token more context)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@subcommand("perplexity", "perplexity of a text file under a model (strided windows; progress on stderr)",
+            _perplexity_arguments)  # fmt: skip
+def perplexity(args: argparse.Namespace) -> int:
+    from .auto import AutoModelForCausalLM
+    from .eval import loglikelihood_rolling
+    from .tokenization import AutoTokenizer
+
+    text = Path(args.data).read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"--data {args.data} is empty")
+    hub = hub_options(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    (result,) = loglikelihood_rolling(model, tokenizer, [text], max_length=args.max_length, stride=args.stride,
+                                      batch_size=args.batch_size, progress=True)  # fmt: skip
+    facts = {"perplexity": math.exp(-result.per_token), "nll_per_token": -result.per_token,
+             "bits_per_byte": -result.per_byte / math.log(2), "tokens": result.num_tokens, "bytes": result.num_bytes}
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(f"perplexity {facts['perplexity']:.4f} ({facts['nll_per_token']:.4f} nats/token, "
+              f"{facts['bits_per_byte']:.4f} bits/byte over {result.num_tokens} tokens)")  # fmt: skip
+    return 0
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("options", nargs="*", help="the harness's own arguments, e.g. --model glmkit --model_args "
+                        "pretrained=PATH,dtype=float32 --tasks hellaswag --batch_size 8 --device cpu")  # fmt: skip
+
+
+@subcommand("eval", "lm-evaluation-harness (its CLI, with the glmkit model registered; pip install 'glmkit[eval]')",
+            _eval_arguments)  # fmt: skip
+def eval_(args: argparse.Namespace) -> int:
+    try:
+        from .eval.harness import run_cli
+    except ImportError as err:
+        raise ImportError(f"glmkit eval needs lm-evaluation-harness: pip install 'glmkit[eval]' ({err})") from err
+    return run_cli(args.options)
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -412,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `glmkit ARGS`; problems with the checkpoint or the arguments print one line and return 1."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # everything after `bench`, in order, is the benchmark's (its own --help too)
-        args = argparse.Namespace(command="bench", options=argv[1:], run=COMMANDS["bench"][2])
+    if argv[:1] in (["bench"], ["eval"]):  # everything after it, in order, is the tool's (its own --help too)
+        args = argparse.Namespace(command=argv[0], options=argv[1:], run=COMMANDS[argv[0]][2])
     else:
         args, extra = parser.parse_known_args(argv)
         if extra:

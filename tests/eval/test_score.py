@@ -3,43 +3,18 @@
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DECODERS, scale_weights
 
 from glmkit import AutoModelForCausalLM, AutoTokenizer
 from glmkit.eval import loglikelihood_rolling, perplexity, rolling_windows, score, score_tokens
 
+from .conftest import MAX_POSITIONS
+
 transformers = pytest.importorskip("transformers")
-MAX_POSITIONS = 64
 CONTEXTS = ["ROMEO: what say you ", "ROMEO: what say you ", "JULIET:", "", "KING: my lord,\nthe queen"]
 CONTINUATIONS = ["my lord", "to the king of all\nthe land", " O Romeo", "Hello there", " is dead."]
-
-
-@pytest.fixture(scope="module", params=["glm", "xglm", "persimmon"])
-def checkpoint(request, tmp_path_factory) -> tuple[str, Path, object]:
-    """A random reference model with the bundled model's tokenizer (vocabulary 2048), saved; the reference."""
-    family = request.param
-    directory = tmp_path_factory.mktemp(family)
-    config_name, model_name, _, kwargs = TINY_DECODERS[family]
-    special = {
-        "glm": dict(pad_token_id=2038, eos_token_id=2038),
-        "xglm": dict(pad_token_id=1, bos_token_id=0, eos_token_id=2),
-        "persimmon": dict(pad_token_id=None, bos_token_id=1, eos_token_id=2),
-    }[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(vocab_size=2048, max_position_embeddings=MAX_POSITIONS,
-                                                **{**kwargs, **special})  # fmt: skip
-    ref = getattr(transformers, model_name)(config).eval()
-    scale_weights(ref, factor=4.0)
-    ref.save_pretrained(directory)
-    for file in (REPO / "glmkit" / "bundled" / family).iterdir():
-        if "token" in file.name or file.suffix in (".model", ".jinja"):
-            shutil.copyfile(file, directory / file.name)
-    return family, directory, ref
 
 
 def reference_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
