@@ -2,7 +2,9 @@
 
 safetensors first (single file or sharded with model.safetensors.index.json): the header is parsed up
 front and each tensor is read on demand with plain file reads into its final memory (no file mapping
-stays resident); `.bin` only through `torch.load(weights_only=True, mmap=True)`, which refuses pickled code.
+stays resident); `.bin` only through `torch.load(weights_only=True, mmap=True)`, which refuses pickled code,
+each tensor copied out of the mapping (the model owns its memory: rewriting the file cannot change it).
+Saves are atomic: new files are written under temporary names and renamed over the old ones.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +94,15 @@ class WeightReader:
         (a later overwrite of the file cannot change or fault it)."""
         path = self._where[name]
         handle = self._open(path)
-        if isinstance(handle, dict):
+        if isinstance(handle, dict):  # a mapped .bin: the result must not share the mapping's pages
             tensor = handle[name]
-        else:
-            entry = self._header(path).get(name, {})
-            if entry.get("dtype") not in _SAFETENSORS_DTYPES:  # ints, bool, fp8: the library's own copy
-                tensor = handle.get_tensor(name)
-            else:
-                begin, end = entry["data_offsets"]
-                return _read_tensor(path, entry, self._data_start[path], dtype, self._staging_for(end - begin))
+            out = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            return out.clone() if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else out
+        entry = self._header(path).get(name, {})
+        if entry.get("dtype") in _SAFETENSORS_DTYPES:
+            begin, end = entry["data_offsets"]
+            return _read_tensor(path, entry, self._data_start[path], dtype, self._staging_for(end - begin))
+        tensor = handle.get_tensor(name)  # ints, bool, fp8: the library's own copy
         return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     def _staging_for(self, nbytes: int) -> torch.Tensor:
@@ -263,33 +268,146 @@ def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dic
         yield shard
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, leaving the file with the permissions any other written file gets
-    (save_file creates it 0600, unreadable to the group a checkpoint is often shared with)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _readable_by_group(path: Path) -> None:
+    """Give a written file the permissions any other new file gets: safetensors' save_file and mkstemp
+    create it 0600, unreadable to the group a checkpoint is often shared with."""
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)
 
 
+def _temp_path(final: Path) -> Path:
+    """A fresh hidden file beside `final` (same directory, so os.replace onto it is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: readers see the old file or the
+    new one, never half of one, and an interrupted write leaves the old file as it was."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(text)
+        _readable_by_group(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """shutil.copyfile through a temporary file beside `dst` and a rename (see atomic_write_text)."""
+    dst = Path(dst)
+    tmp = _temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        _readable_by_group(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def saved_weight_files(directory: Path) -> list[Path]:
+    """The files a safetensors save replaces: model.safetensors, model-NNNNN-of-NNNNN.safetensors and
+    the index. Nothing else (a user's model_backup.safetensors stays)."""
+    if not directory.is_dir():
+        return []
+    return [f for f in directory.iterdir() if f.name in (SAFE_WEIGHTS, SAFE_INDEX) or SHARD_NAME.fullmatch(f.name)]
+
+
+@dataclass
+class StagedWeights:
+    """Weight files written to temporary names beside their final ones, not yet in place."""
+
+    directory: Path
+    files: list[tuple[Path, Path]]  # (temporary, final), in the order they are moved into place
+
+    def commit(self) -> None:
+        """Move the new files into place, then remove the old save's files that the new one does not
+        replace. The single file / index goes last, so until then a loader still finds the old layout."""
+        final = {f for _, f in self.files}
+        stale = [f for f in saved_weight_files(self.directory) if f not in final]
+        for tmp, path in self.files:
+            os.replace(tmp, path)
+        for path in sorted(stale, key=lambda f: f.name != SAFE_INDEX):  # the index before its shards
+            path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+
+
+def stage_state_dict(
+    state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> StagedWeights:
+    """Write model.safetensors, or numbered shards plus model.safetensors.index.json past the limit, under
+    temporary names; `commit()` puts them in place. On any error nothing in `directory` has changed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
+    shards = list(_shards(tensors, parse_size(max_shard_size)))
+    names = [SAFE_WEIGHTS] if len(shards) <= 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                      for i in range(1, len(shards) + 1)]  # fmt: skip
+    staged = StagedWeights(directory, [])
+    try:
+        for name, shard in zip(names, shards or [{}]):
+            staged.files.append((_temp_path(directory / name), directory / name))
+            save_file(shard, str(staged.files[-1][0]), metadata={"format": "pt"})
+            _readable_by_group(staged.files[-1][0])
+        if len(shards) > 1:
+            weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            staged.files.append((_temp_path(directory / SAFE_INDEX), directory / SAFE_INDEX))
+            staged.files[-1][0].write_text(json.dumps(index, indent=2) + "\n")
+            _readable_by_group(staged.files[-1][0])
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> None:
-    """Write model.safetensors, or numbered shards plus model.safetensors.index.json past the limit."""
+    """Write model.safetensors, or numbered shards plus model.safetensors.index.json past the limit,
+    atomically: the old save's weight files are replaced only once every new file is written."""
+    stage_state_dict(state_dict, directory, max_shard_size).commit()
+
+
+# tokenizer files a checkpoint writer may leave (exact names: a user's own files never match)
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "tokenizer.model", "sentencepiece.bpe.model", "spiece.model",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.tiktoken",
+)  # fmt: skip
+
+
+def check_writable_output(directory: str | os.PathLike, force: bool, flag: str = "--force") -> None:
+    """Refuse to write a checkpoint into an existing non-empty directory unless `force`: whatever is there
+    may be someone's only copy."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [*directory.glob("model*.safetensors"), directory / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
-    shards = list(_shards(tensors, parse_size(max_shard_size)))
-    if len(shards) == 1:
-        _save_file(shards[0], directory / SAFE_WEIGHTS)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, directory / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"output {directory} exists and is not a directory")
+    held = sorted(f.name for f in directory.iterdir()) if directory.is_dir() else []
+    if held and not force:
+        shown = ", ".join(held[:5]) + (", …" if len(held) > 5 else "")
+        raise FileExistsError(
+            f"output directory {directory} is not empty ({shown}); pass {flag} to write into it (its checkpoint "
+            "files are replaced, other files kept) or choose another directory"
+        )
+
+
+def remove_stale_checkpoint_files(directory: str | os.PathLike, written: set[str]) -> list[str]:
+    """After a checkpoint is written into a directory that held one: remove the old weight and tokenizer
+    files the new one did not rewrite, so two tokenizers never sit side by side. Other files stay."""
+    directory = Path(directory)
+    stale = [f for f in saved_weight_files(directory) if f.name not in written]
+    stale += [directory / n for n in TOKENIZER_FILE_NAMES if n not in written and (directory / n).is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return sorted(p.name for p in stale)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +45,16 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="directory to write the Hugging Face layout to")
     parser.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (e.g. 2GB)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty OUT (its checkpoint and tokenizer files are replaced; "
+                             "other files are kept)")  # fmt: skip
+
+
+def _file_stamps(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """name -> (inode, mtime, size) of each file: what a writer changed shows as a different stamp."""
+    if not directory.is_dir():
+        return {}
+    return {f.name: (st.st_ino, st.st_mtime_ns, st.st_size) for f in directory.iterdir() if (st := f.stat())}
 
 
 @subcommand("convert", "write a checkpoint (e.g. an original THUDM GLM-4 release) in the HF layout", _convert_arguments)
@@ -54,12 +63,15 @@ def convert(args: argparse.Namespace) -> int:
     tokenizer files beside it (the original GLM-4 vocabulary also converted to tokenizer.json); remote code
     (.py) is never copied."""
     from .auto import AutoModelForCausalLM
+    from .checkpoint import atomic_write_text, check_writable_output, copy_file_atomic, remove_stale_checkpoint_files
     from .hub import is_tokenizer_file, resolve_checkpoint_dir
 
     src = resolve_checkpoint_dir(args.src, **hub_options(args))
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise ValueError("convert writes a new directory; OUT must differ from SRC")
+    check_writable_output(out, args.force)
+    before = _file_stamps(out)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=args.dtype)
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
     copied = []
@@ -68,9 +80,9 @@ def convert(args: argparse.Namespace) -> int:
             if file.name == "tokenizer_config.json":  # auto_map points at remote code we do not copy
                 data = json.loads(file.read_text())
                 data.pop("auto_map", None)
-                (out / file.name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+                atomic_write_text(out / file.name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
             else:
-                shutil.copyfile(file, out / file.name)
+                copy_file_atomic(file, out / file.name)
             copied.append(file.name)
     print(f"wrote {type(model).__name__} ({model.config.model_type}, {model.dtype}) to {out}")
     print(f"tokenizer files: {', '.join(copied) if copied else 'none found'}")
@@ -81,6 +93,10 @@ def convert(args: argparse.Namespace) -> int:
         if isinstance(tokenizer, ChatGLM4Tokenizer):  # the -hf layout: tokenizer.json, loadable without code
             tokenizer.to_fast().save_pretrained(out)
             print("wrote tokenizer.json (converted from the tiktoken-format tokenizer.model)")
+    written = {name for name, stamp in _file_stamps(out).items() if before.get(name) != stamp}
+    removed = remove_stale_checkpoint_files(out, written)
+    if removed:
+        print(f"removed the old checkpoint's {', '.join(removed)}")
     return 0
 
 

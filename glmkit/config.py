@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .checkpoint import atomic_write_text
+
 CONFIG_NAME = "config.json"
 
 # Keys that other model families use and that would change the math if honoured. Finding one set to a
@@ -174,7 +176,7 @@ class PretrainedConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(self.to_json_string())
+        atomic_write_text(path / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> PretrainedConfig:

@@ -14,12 +14,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cache import Cache, KVCache, as_cache
-from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, save_state_dict
+from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
 from .config import PretrainedConfig
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm, build_attention_mask
 from .outputs import BaseModelOutputWithPast, ModelOutput
+from .quant import prepare_loading, resolve_spec
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -134,9 +135,12 @@ class PreTrainedModel(nn.Module):
         torch_dtype: str | torch.dtype | None = None,
         device_map: str | int | torch.device | dict | None = None,
         attn_implementation: str | None = None,
+        quantization: str | None = None,
+        quantization_config: dict | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
+        `quantization="int8"|"int4"` (or an HF-style `quantization_config`) quantizes linears as they are read.
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
@@ -157,6 +161,9 @@ class PreTrainedModel(nn.Module):
         device = resolve_device(device_map)
         with torch.device("meta"):
             model = cls(config)
+        quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
+        if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
+            reader = prepare_loading(model, reader, quant, device)
         names = model._match_checkpoint(reader)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
@@ -254,11 +261,17 @@ class PreTrainedModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.torch_dtype = str(self.dtype).removeprefix("torch.")
-        self.config.save_pretrained(path)
         state = self.state_dict()
         if getattr(self.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        save_state_dict(state, path, max_shard_size)
+        # every weight file is written before anything in the directory changes; an interrupted save
+        # leaves the old checkpoint whole
+        staged = stage_state_dict(state, path, max_shard_size)
+        try:
+            self.config.save_pretrained(path)
+            staged.commit()
+        finally:
+            staged.discard()
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(path)

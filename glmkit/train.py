@@ -24,6 +24,7 @@ import torch
 
 from .auto import AutoModelForCausalLM
 from .chat import GLM4_CHAT_TEMPLATE, PERSIMMON_CHAT_TEMPLATE
+from .checkpoint import check_writable_output, remove_stale_checkpoint_files
 from .config import PretrainedConfig
 from .modeling import PreTrainedModel
 from .models.glm import GlmConfig
@@ -72,6 +73,7 @@ class TrainOptions:
     model: str | os.PathLike | None = None  # fine-tune this checkpoint directory instead
     separator: str | None = None  # plain text: split it into documents at this string (e.g. "\n\n")
     resume: bool = False  # continue from `out` (its weights, tokenizer and trainer_state.pt)
+    force: bool = False  # write into a non-empty `out` (its checkpoint files are replaced, other files kept)
     vocab_size: int = 2048  # from scratch: tokenizer size (an upper bound on small corpora)
     block_size: int = 128
     batch_size: int = 16
@@ -357,9 +359,11 @@ def save_checkpoint(out: Path, model: PreTrainedModel, tokenizer: Tokenizer, sta
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     torch.save(state, partial / STATE_FILE)
+    written = {f.name for f in partial.iterdir()}
     for f in partial.iterdir():
         os.replace(f, out / f.name)
     partial.rmdir()
+    remove_stale_checkpoint_files(out, written)  # an older save's other shards / another tokenizer's files
 
 
 def _setup(opts: TrainOptions, out: Path, records: list[Record]) -> tuple[PreTrainedModel, Tokenizer, dict | None]:
@@ -369,8 +373,6 @@ def _setup(opts: TrainOptions, out: Path, records: list[Record]) -> tuple[PreTra
             raise FileNotFoundError(f"nothing to resume: {out / STATE_FILE} does not exist")
         state = torch.load(out / STATE_FILE, weights_only=True)
         return AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), state
-    if (out / STATE_FILE).is_file() or (out / "config.json").is_file():
-        raise FileExistsError(f"{out} already holds a checkpoint: pass resume=True or choose another directory")
     if opts.model is not None:
         return AutoModelForCausalLM.from_pretrained(opts.model), AutoTokenizer.from_pretrained(opts.model), None
     check_preset(opts.family, opts.preset)  # before the (slow) tokenizer training
@@ -392,6 +394,11 @@ def train(opts: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
     opts = opts or TrainOptions(**kwargs)
     _check(opts)
     out = Path(opts.out)
+    if not opts.resume and not opts.force and ((out / STATE_FILE).is_file() or (out / "config.json").is_file()):
+        raise FileExistsError(f"{out} already holds a checkpoint: pass resume=True (--resume) to continue it, "
+                              "force=True (--force) to replace it, or choose another directory")  # fmt: skip
+    if not opts.resume:
+        check_writable_output(out, opts.force, "force=True (--force)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     records = read_records(opts.data, opts.separator)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import atomic_write_text
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 DEFAULTS: dict[str, Any] = {
@@ -106,7 +108,7 @@ class GenerationConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         path = Path(directory) / GENERATION_CONFIG_NAME
-        path.write_text(json.dumps(self.to_diff_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(self.to_diff_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> GenerationConfig:

@@ -185,6 +185,30 @@ def choose_tokens(plan: Any, ids: torch.Tensor, cur: int, logits: torch.Tensor, 
     return tokens, scores, stopped
 
 
+def reserved_length(model: Any, prompt_length: int, total: int, mode: str) -> int:
+    """Token slots to allocate up front for a generation of `total` tokens (prompt + max_new_tokens): all of
+    them within the model's context (max_position_embeddings), else the context only and the plain path
+    grows from there. A static cache cannot grow: asking it for more than the context is an error, raised
+    before anything is allocated."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None or total <= context:
+        return total
+    if mode != "plain":
+        raise ValueError(f"the prompt plus max_new_tokens is {total} tokens, more than the model's "
+                         f"max_position_embeddings ({context}) that a static cache (compile=True / "
+                         "cache_implementation='static') or beam search preallocates: lower max_new_tokens")  # fmt: skip
+    return max(context, prompt_length + 1)
+
+
+def _room(ids: torch.Tensor, needed: int, total: int, pad: int | None) -> torch.Tensor:
+    """ids (B, L) with at least `needed` columns (at most `total`): doubled when full (host ints, no sync)."""
+    if needed <= ids.shape[1]:
+        return ids
+    grown = ids.new_full((ids.shape[0], min(total, max(needed, 2 * ids.shape[1]))), pad if pad is not None else 0)
+    grown[:, : ids.shape[1]] = ids
+    return grown
+
+
 def decode_mode(fast: dict[str, Any]) -> str:
     if fast.get("compile"):
         return "compiled"
@@ -201,9 +225,12 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     fast = fast or {}
     B, P = input_ids.shape
     total = P + plan.max_new_tokens
-    ids = input_ids.new_full((B, total), plan.pad if plan.pad is not None else 0)
+    mode = "plain" if drafter is not None else decode_mode(fast)
+    reserve = reserved_length(model, P, total, mode)
+    ids = input_ids.new_full((B, reserve), plan.pad if plan.pad is not None else 0)
     ids[:, :P] = input_ids
-    decoder = Decoder(model, total, "plain" if drafter is not None else decode_mode(fast), fast.get("compile", False))
+    # past the context length a plain cache grows with the generation instead of reserving max_new_tokens
+    decoder = Decoder(model, total if reserve == total else None, mode, fast.get("compile", False))
     logits = decoder.prefill(input_ids, attention_mask)
     eos = torch.tensor(plan.eos, device=ids.device) if plan.eos else None
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -212,6 +239,7 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         return
     for step in range(plan.max_new_tokens):
         cur = P + step
+        ids = _room(ids, cur + 1, total, plan.pad)
         tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
@@ -234,6 +262,7 @@ def _speculative_steps(decoder: Decoder, drafter: Any, ids: torch.Tensor, P: int
     while cur < end and not bool(finished.all()):
         draft = drafter.propose(ids[:, :cur], min(drafter.max_tokens, end - cur - 1))  # (1, k)
         k = draft.shape[1]
+        ids = _room(ids, cur + k + 1, end, plan.pad)
         ids[:, cur : cur + k] = draft
         all_logits = decoder.verify(ids[:, cur - 1 : cur + k])  # (1, k + 1, V): positions cur .. cur + k
         for j in range(k + 1):
