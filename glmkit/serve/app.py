@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generation.grammar import json_grammar
 from .protocol import (
     APIError,
     ChatChoice,
@@ -41,18 +42,33 @@ from .protocol import (
     DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     SamplingRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     UsageInfo,
     unsupported,
 )
 from .scheduler import Event, QueueFull, RequestError, SamplingParams
 from .scheduler import Request as EngineRequest
+from .tools import (
+    ToolCall,
+    ToolCallParser,
+    ToolError,
+    ToolFormat,
+    arguments_grammar,
+    check_tools,
+    forced_function,
+    glm4_messages,
+    required_call_grammar,
+)
 
 logger = logging.getLogger("glmkit.serve")
 T = TypeVar("T", bound=BaseModel)
@@ -61,21 +77,46 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat default
 
 # ---- engine requests behind one HTTP request ------------------------------------------------------------
 @dataclass
-class Output:
-    """What one choice has produced so far."""
+class ChatPlan:
+    """How a chat request runs: its prompt, the grammar and stop ids its tool_choice / response_format
+    need, and the functions whose calls the output is parsed for (none: plain text)."""
 
+    prompt: list[int]
+    functions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    forced: str | None = None  # a named tool_choice: the prompt ends with its name line
+    grammar: str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    """What one choice has produced so far (with a parser: its content and tool calls apart)."""
+
+    parser: ToolCallParser | None = None
     text: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
 
-    def add(self, event: Event) -> None:
-        self.text += event.text
+    def add(self, event: Event) -> tuple[str, list[ToolCall]]:
+        """Take an event; returns the content and the tool calls it completes."""
+        text, calls = event.text, []
+        if self.parser is not None:
+            text, calls = self.parser.feed(event.token_ids, event.text)
+            if event.finish_reason is not None:
+                more, last = self.parser.finish()
+                text, calls = text + more, calls + last
+        self.text += text
+        self.calls += calls
         self.token_ids += event.token_ids
         self.logprobs += event.logprobs or []
         self.completion_tokens = event.completion_tokens
         self.finish_reason = event.finish_reason
+        if event.finish_reason == "stop" and self.calls:
+            self.finish_reason = "tool_calls"
+        return text, calls
 
 
 def _failure(event: Event) -> APIError | None:
@@ -90,8 +131,8 @@ def _failure(event: Event) -> APIError | None:
 class Generation:
     """The engine requests of one HTTP request (choice i is the i-th), their events on one asyncio queue."""
 
-    def __init__(self, scheduler: Any, loop: asyncio.AbstractEventLoop):
-        self.scheduler, self.loop = scheduler, loop
+    def __init__(self, scheduler: Any, loop: asyncio.AbstractEventLoop, make_output: Any = Output):
+        self.scheduler, self.loop, self.make_output = scheduler, loop, make_output
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.index: dict[str, int] = {}  # engine request id -> choice index
         self.running: set[str] = set()
@@ -129,7 +170,7 @@ class Generation:
             yield self.index[event.request_id], event
 
     async def collect(self) -> list[Output]:
-        outputs = [Output() for _ in self.index]
+        outputs = [self.make_output() for _ in self.index]
         async for i, event in self.events():
             error = _failure(event)
             if error is not None:
@@ -205,6 +246,7 @@ class Server:
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.max_model_len = max_model_len
         self.vocab_size = len(tokenizer)
+        self.tool_format = ToolFormat.of(tokenizer)  # None: the chat format has no tool calls
         self._token_strs: dict[int, str] = {}
         # request-supplied template variables must not override apply_chat_template's own arguments
         self._reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters) - {"kwargs", "self"}
@@ -226,16 +268,64 @@ class Server:
             self._token_strs[token] = self.tokenizer.decode([token])
         return self._token_strs[token]
 
-    def chat_ids(self, messages: list[Any], kwargs: dict[str, Any] | None, **options: Any) -> list[int]:
+    def conversation(self, messages: list[Any], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (GLM-4's shape where the format has tool calls)."""
+        conversation = [m.for_template(i) for i, m in enumerate(messages)]
+        if self.tool_format is not None:
+            try:
+                return glm4_messages(conversation, tools)
+            except ToolError as err:
+                raise APIError(400, str(err), param=err.param) from err
+        for i, message in enumerate(conversation):
+            if message.get("tool_calls"):
+                raise unsupported(f"messages.{i}.tool_calls", "tool calls with this model's chat format")
+        return conversation
+
+    def chat_ids(self, messages: list[Any], kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
+                 **options: Any) -> list[int]:  # fmt: skip
         reserved = sorted(self._reserved & set(kwargs or {}))
         if reserved:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        conversation = [m.for_template(i) for i, m in enumerate(messages)]
+        conversation = self.conversation(messages, tools)
         try:
             ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, **options, **(kwargs or {}))
         except ValueError as err:  # ChatTemplateError: the template rejected the messages
             raise APIError(400, f"chat template: {err}", param="messages") from err
         return list(ids)
+
+    def chat_plan(self, body: ChatCompletionRequest) -> ChatPlan:
+        """The prompt, grammar and tool parsing of a chat request (tools / tool_choice / response_format)."""
+        try:
+            plan = self._chat_plan(body)
+        except ToolError as err:
+            raise APIError(400, str(err), param=err.param) from err
+        except ImportError as err:  # llguidance missing: constrained decoding is off
+            raise APIError(400, str(err), param="tool_choice" if body.tools else "response_format",
+                           code="unsupported") from err  # fmt: skip
+        self.check_ids(plan.prompt, "messages")
+        return plan
+
+    def _chat_plan(self, body: ChatCompletionRequest) -> ChatPlan:
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
+        functions = check_tools(body.tools) if body.tools else {}
+        forced = forced_function(choice, functions)
+        if choice == "none":  # as vLLM: the tools stay out of the prompt, nothing is parsed
+            functions = {}
+        if functions and self.tool_format is None:
+            raise unsupported("tools", "tool calling with this model's chat format (GLM-4's has it)")
+        tools = [{"type": "function", "function": fn} for fn in functions.values()] or None
+        prompt = self.chat_ids(body.messages, body.chat_template_kwargs, tools=tools, add_generation_prompt=True)
+        plan = ChatPlan(prompt, functions, forced)
+        if forced:  # the name line is given: the model writes arguments that fit the function's schema
+            plan.prompt = prompt + list(self.tokenizer.encode(f"{forced}\n", add_special_tokens=False))
+            plan.grammar = arguments_grammar(functions[forced])
+        elif choice == "required":
+            plan.grammar = required_call_grammar(functions, parallel=body.parallel_tool_calls is not False)
+        elif functions and body.parallel_tool_calls is False:  # the first call ends the turn
+            plan.stop_token_ids = [self.tool_format.assistant]  # type: ignore[union-attr]
+        if body.json_mode:  # GLM-4 content follows the (empty) metadata line
+            plan.grammar = json_grammar(body.json_schema, prefix="\n" if self.tool_format else "")
+        return plan
 
     def max_tokens(self, prompt: list[int], requested: int | None, default: int | None) -> int:
         """The completion budget: the request's, else `default`, else the rest of the context."""
@@ -247,7 +337,7 @@ class Server:
         return requested or min(default or room, room)
 
     def start(self, body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None, default: int | None,
-              logprobs: int | None, prefix: str) -> tuple[Generation, str]:  # fmt: skip
+              logprobs: int | None, prefix: str, plan: ChatPlan | None = None) -> tuple[Generation, str]:  # fmt: skip
         """Submit n choices per prompt (choice index = prompt index * n + j); returns (generation, id)."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         ids, params = [], []
@@ -255,9 +345,20 @@ class Server:
             per_choice = body.sampling_params(self.max_tokens(prompt, max_tokens, default), self.vocab_size, logprobs)
             ids += [prompt] * len(per_choice)
             params += per_choice
-        generation = Generation(self.scheduler, asyncio.get_running_loop())
+        if plan is not None:
+            for sampling in params:
+                sampling.grammar = plan.grammar
+                sampling.stop_token_ids += plan.stop_token_ids
+        generation = Generation(self.scheduler, asyncio.get_running_loop(), self.output_maker(plan))
         generation.submit(ids, params, request_id)
         return generation, request_id
+
+    def output_maker(self, plan: ChatPlan | None) -> Any:
+        """Builds each choice's Output: with GLM-4's parser (metadata line, tool calls) where the format is GLM-4's."""
+        if plan is None or self.tool_format is None:
+            return Output
+        fmt, functions, forced = self.tool_format, plan.functions, plan.forced
+        return lambda: Output(parser=ToolCallParser(fmt, functions, forced))  # type: ignore[arg-type]
 
     def completion_logprobs(self, entries: list[dict[str, Any]], offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -367,10 +468,10 @@ class Server:
         body = await parse(request, ChatCompletionRequest)
         self.check_model(body.model)
         body.check_supported()
-        prompt = self.chat_ids(body.messages, body.chat_template_kwargs, add_generation_prompt=True)
-        self.check_ids(prompt, "messages")
+        plan = self.chat_plan(body)
+        prompt = plan.prompt
         generation, request_id = self.start(body, [prompt], body.max_completion_tokens or body.max_tokens, None,
-                                            body.logprobs_k, "chatcmpl")  # fmt: skip
+                                            body.logprobs_k, "chatcmpl", plan)  # fmt: skip
         head = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:
             return EventStream(self.chat_chunks(generation, head, body, len(prompt)), generation)
@@ -381,7 +482,7 @@ class Server:
         if outputs is None:
             return Response(status_code=499)
         choices = [
-            ChatChoice(index=i, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
+            ChatChoice(index=i, message=_message(out), finish_reason=out.finish_reason,
                        logprobs=self.chat_logprobs(out.logprobs) if body.logprobs else None)
             for i, out in enumerate(outputs)
         ]  # fmt: skip
@@ -393,20 +494,30 @@ class Server:
         chunk = lambda **kw: sse(ChatCompletionStreamResponse(**head, choices=[ChatStreamChoice(**kw)]))
         for i in range(body.choices):
             yield chunk(index=i, delta=DeltaMessage(role="assistant", content=""))
-        completion_tokens = [0] * body.choices
+        outputs = [generation.make_output() for _ in range(body.choices)]
         async for i, event in generation.events():
             error = _failure(event)
             if error is not None:
                 yield sse(error.body())
                 break
-            completion_tokens[i] = event.completion_tokens
+            out = outputs[i]
+            text, calls = out.add(event)
             logprobs = self.chat_logprobs(event.logprobs or []) if body.logprobs else None
-            if event.text or event.finish_reason or logprobs is not None:
-                delta = DeltaMessage(content=event.text or None)
-                yield chunk(index=i, delta=delta, logprobs=logprobs, finish_reason=event.finish_reason)
+            finish = out.finish_reason if not calls else None
+            if text or finish or logprobs is not None:
+                yield chunk(index=i, delta=DeltaMessage(content=text or None), logprobs=logprobs, finish_reason=finish)
+            for call in calls:  # OpenAI's shape: id and name first, then the arguments
+                k = out.calls.index(call)
+                head_delta = ToolCallDelta(index=k, id=call.id, type="function",
+                                           function=FunctionCallDelta(name=call.name, arguments=""))  # fmt: skip
+                yield chunk(index=i, delta=DeltaMessage(tool_calls=[head_delta]))
+                args = ToolCallDelta(index=k, function=FunctionCallDelta(arguments=call.arguments))
+                yield chunk(index=i, delta=DeltaMessage(tool_calls=[args]))
+            if calls and out.finish_reason:
+                yield chunk(index=i, delta=DeltaMessage(), finish_reason=out.finish_reason)
         else:
             if body.include_usage:
-                usage = _usage(prompt_tokens, sum(completion_tokens))
+                usage = _usage(prompt_tokens, sum(out.completion_tokens for out in outputs))
                 yield sse(ChatCompletionStreamResponse(**head, choices=[], usage=usage))
         yield SSE_DONE
 
@@ -431,6 +542,11 @@ class Server:
         self.check_model(body.model)
         self.check_ids(body.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+
+def _message(out: Output) -> ChatResponseMessage:
+    calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in out.calls]
+    return ChatResponseMessage(content=out.text or (None if calls else ""), tool_calls=calls or None)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -57,8 +57,6 @@ class ChatMessage(OpenAIRequest):
 
     def for_template(self, index: int) -> dict[str, Any]:
         """The message as chat templates take it: text parts joined (vLLM's "string" content format)."""
-        if self.tool_calls:
-            raise unsupported(f"messages.{index}.tool_calls", "tool_calls in the history")
         content = self.content
         if isinstance(content, list):
             for part in content:
@@ -66,7 +64,7 @@ class ChatMessage(OpenAIRequest):
                     raise unsupported(f"messages.{index}.content", f"content part type {part.type!r}")
             content = "\n".join(part.text for part in content)  # type: ignore[misc]
         message = {"role": self.role, "content": content or ""}
-        for key in ("name", "tool_call_id"):
+        for key in ("name", "tool_call_id", "tool_calls"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
         return message
@@ -155,8 +153,16 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("logprobs", "logprobs with echo (prompt logprobs)")
 
 
+class JSONSchemaFormat(OpenAIRequest):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIRequest):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -176,16 +182,30 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
-            raise unsupported("tools", "tool calling (tools with tool_choice other than 'none')")
-        if self.functions or self.function_call not in (None, "none"):
-            raise unsupported("functions", "function calling")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise unsupported("response_format", f"response_format {self.response_format.type!r}")
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        if self.functions or self.function_call is not None:
+            raise unsupported("functions", "the deprecated functions / function_call (use tools / tool_choice)")
+        if self.json_mode:
+            fmt = self.response_format
+            if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.json_schema is None):
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            if self.tools and self.tool_choice != "none":
+                raise unsupported("response_format", "response_format together with tools")
         if self.audio is not None or (self.modalities and self.modalities != ["text"]):
             raise unsupported("modalities", "output other than text")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+    @property
+    def json_mode(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the content must fit (None: any JSON object, or no JSON mode)."""
+        fmt = self.response_format
+        return fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None
 
     @property
     def logprobs_k(self) -> int | None:
@@ -258,9 +278,33 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -282,6 +326,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -247,7 +247,8 @@ NOT_YET = "not supported yet"
 IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
 CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 TOOLS = [{"type": "function", "function": {"name": "f"}}]
-HISTORY_CALL = [{"role": "assistant", "tool_calls": [CALL]}]
+FN = lambda name: {"type": "function", "function": {"name": name}}  # a tool, and a named tool_choice
+BAD_HISTORY_CALL = [{"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}]
 
 
 @pytest.mark.parametrize(
@@ -274,10 +275,19 @@ HISTORY_CALL = [{"role": "assistant", "tool_calls": [CALL]}]
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages", ""),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 3}]}, "messages", ""),
         ("/v1/chat/completions", {**CHAT, "messages": IMAGE}, "messages.0.content", NOT_YET),
-        ("/v1/chat/completions", {**CHAT, "tools": TOOLS}, "tools", NOT_YET),
-        ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tools", NOT_YET),
-        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format", NOT_YET),
-        ("/v1/chat/completions", {**CHAT, "messages": HISTORY_CALL}, "messages.0.tool_calls", NOT_YET),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice", "needs tools"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools.0", "function"),
+        ("/v1/chat/completions", {**CHAT, "tools": [FN("no spaces")]}, "tools.0.function.name", "no spaces"),
+        ("/v1/chat/completions", {**CHAT, "tools": [FN("f"), FN("f")]}, "tools.1.function.name", "two tools"),
+        ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": FN("g")}, "tool_choice", "'g'"),
+        ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", ""),
+        ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", ""),
+        ("/v1/chat/completions", {**CHAT, "messages": BAD_HISTORY_CALL}, "messages.0.tool_calls.0", "arguments"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format", ""),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format", "schema"),
+        ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "response_format": {"type": "json_object"}},
+         "response_format", NOT_YET),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", NOT_YET),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "logprobs"),
         ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs", ""),
         ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"chat_template": "x"}}, "chat_template_kwargs", ""),
