@@ -331,9 +331,17 @@ def train(args: argparse.Namespace) -> int:
     """Writes an HF-layout checkpoint with its tokenizer to --out; progress goes to stderr."""
     import dataclasses
 
+    import torch
+
+    from .checkpoint import check_device_available
     from .train import TrainOptions
     from .train import train as run_training
 
+    if args.device:  # before reading any data: torch's own error is an assertion with a traceback
+        try:
+            check_device_available(torch.device(args.device))
+        except RuntimeError:
+            raise ValueError(f"unknown --device {args.device!r}") from None
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
     result = run_training(options)
     losses = [point["loss"] for point in result.history if "loss" in point]
@@ -373,8 +381,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("serve", "OpenAI-compatible HTTP server with continuous batching", _serve_arguments)
 def serve(args: argparse.Namespace) -> int:
-    """Load the model, start the scheduler, serve until interrupted; the scheduler stops with the server."""
+    """Serve at once (/health answers 503 "loading"), load the model in a thread, then take requests;
+    the scheduler stops with the server. A model that fails to load ends the server with its error."""
     import os
+    import threading
 
     try:
         import uvicorn
@@ -382,6 +392,34 @@ def serve(args: argparse.Namespace) -> int:
         from .serve.app import create_app
     except ImportError as err:
         raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
+
+    name = args.served_model_name or args.model
+    app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=10))  # fmt: skip
+    state: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            state["scheduler"] = _load_scheduler(args, app.state.server, name)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread after the server stops
+            state["error"] = err
+            server.should_exit = True
+
+    loader = threading.Thread(target=load, name="glmkit-load", daemon=True)
+    loader.start()
+    try:
+        server.run()
+    finally:
+        loader.join()
+        if "scheduler" in state:
+            state["scheduler"].stop()
+    if "error" in state:
+        raise state["error"]
+    return 0
+
+
+def _load_scheduler(args: argparse.Namespace, server: Any, name: str) -> Any:
     from .auto import AutoModelForCausalLM
     from .serve.scheduler import Scheduler
     from .tokenization import AutoTokenizer
@@ -397,17 +435,11 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
     scheduler = Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
                           max_model_len=max_model_len)  # fmt: skip
-    name = args.served_model_name or args.model
-    app = create_app(scheduler, tokenizer, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"),
-                     max_model_len=max_model_len)  # fmt: skip
+    scheduler.start()
+    server.attach(scheduler, tokenizer, max_model_len)
     print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    scheduler.start()
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
-    finally:
-        scheduler.stop()
-    return 0
+    return scheduler
 
 
 # ---- perplexity / eval -------------------------------------------------------------------------------

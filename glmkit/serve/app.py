@@ -25,6 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation.grammar import json_grammar
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics
 from .protocol import (
     APIError,
     ChatChoice,
@@ -131,13 +133,16 @@ def _failure(event: Event) -> APIError | None:
 class Generation:
     """The engine requests of one HTTP request (choice i is the i-th), their events on one asyncio queue."""
 
-    def __init__(self, scheduler: Any, loop: asyncio.AbstractEventLoop, make_output: Any = Output):
-        self.scheduler, self.loop, self.make_output = scheduler, loop, make_output
+    def __init__(self, scheduler: Any, loop: asyncio.AbstractEventLoop, make_output: Any = Output,
+                 metrics: ServerMetrics | None = None):  # fmt: skip
+        self.scheduler, self.loop, self.make_output, self.metrics = scheduler, loop, make_output, metrics
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.index: dict[str, int] = {}  # engine request id -> choice index
         self.running: set[str] = set()
 
     def _on_event(self, event: Event) -> None:  # engine thread
+        if self.metrics is not None:
+            self.metrics.on_event(event.request_id, len(event.token_ids), event.finish_reason)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server has gone; the engine must not fail for it
@@ -147,6 +152,8 @@ class Generation:
         """Submit choice i as (prompts[i], params[i]); on a refusal cancel the ones already in."""
         for i, (prompt, sampling) in enumerate(zip(prompts, params, strict=True)):
             request = EngineRequest(prompt, sampling, self._on_event, request_id=f"{base_id}-{i}")
+            if self.metrics is not None:
+                self.metrics.on_submit(request.request_id)
             try:
                 request_id = self.scheduler.submit(request)
             except QueueFull as err:
@@ -240,17 +247,28 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 # ---- the app ---------------------------------------------------------------------------------------------
 class Server:
-    """The endpoints, over one scheduler and tokenizer serving one model name."""
+    """The endpoints, over one scheduler and tokenizer serving one model name. Until `attach` gives it
+    them (the model is loading) every endpoint but /health and /metrics answers 503."""
 
-    def __init__(self, scheduler: Any, tokenizer: Any, model_name: str, max_model_len: int):
-        self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
-        self.max_model_len = max_model_len
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.metrics = ServerMetrics(model_name)
+        self.scheduler: Any = None
+
+    def attach(self, scheduler: Any, tokenizer: Any, max_model_len: int) -> None:
+        """Start serving: the model is loaded and its scheduler started."""
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.vocab_size = len(tokenizer)
         self.tool_format = ToolFormat.of(tokenizer)  # None: the chat format has no tool calls
         self._token_strs: dict[int, str] = {}
         # request-supplied template variables must not override apply_chat_template's own arguments
         self._reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters) - {"kwargs", "self"}
         self._reserved |= {"messages", "chat_template"}
+        self.scheduler = self.metrics.scheduler = scheduler
+
+    async def check_ready(self) -> None:
+        if self.scheduler is None:
+            raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="loading")
 
     # -- helpers
     def check_model(self, name: str | None) -> None:
@@ -349,7 +367,7 @@ class Server:
             for sampling in params:
                 sampling.grammar = plan.grammar
                 sampling.stop_token_ids += plan.stop_token_ids
-        generation = Generation(self.scheduler, asyncio.get_running_loop(), self.output_maker(plan))
+        generation = Generation(self.scheduler, asyncio.get_running_loop(), self.output_maker(plan), self.metrics)
         generation.submit(ids, params, request_id)
         return generation, request_id
 
@@ -384,7 +402,12 @@ class Server:
 
     # -- endpoints
     async def health(self) -> Response:
+        if self.scheduler is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def models(self) -> ModelList:
         return ModelList(data=[self.model_card()])
@@ -606,15 +629,22 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def create_app(scheduler: Any, tokenizer: Any, model_name: str, api_key: str | None = None, *,
-               max_model_len: int) -> FastAPI:  # fmt: skip
+               max_model_len: int | None) -> FastAPI:  # fmt: skip
     """The OpenAI-compatible app over a started `Scheduler` (which it does not own: start and stop it around
-    the server). `api_key` set: every endpoint but /health wants `Authorization: Bearer <api_key>`."""
-    server = Server(scheduler, tokenizer, model_name, max_model_len)
+    the server). `api_key` set: every endpoint but /health and /metrics wants `Authorization: Bearer
+    <api_key>`. With `scheduler` None the app serves while the model loads (503s, /health "loading")
+    until `app.state.server.attach(scheduler, tokenizer, max_model_len)`."""
+    server = Server(model_name)
+    if scheduler is not None:
+        if max_model_len is None:
+            raise ValueError("create_app needs max_model_len with a scheduler")
+        server.attach(scheduler, tokenizer, max_model_len)
     app = FastAPI(title="glmkit", summary="OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.server = server
-    keyed = [_bearer(api_key)] if api_key else []
+    keyed = [*([_bearer(api_key)] if api_key else []), Depends(server.check_ready)]
     routes = [
         ("GET", "/health", server.health, []),
+        ("GET", "/metrics", server.prometheus, []),
         ("GET", "/v1/models", server.models, keyed),
         ("GET", "/v1/models/{model_id:path}", server.model, keyed),
         ("POST", "/v1/completions", server.completions, keyed),

@@ -18,6 +18,7 @@ from glmkit.serve.app import create_app  # noqa: E402
 
 from .fake import FakeScheduler  # noqa: E402
 
+UVICORN_SERVER = uvicorn.Server  # bound now: CLI tests replace uvicorn.Server with a fake
 MODEL = "glmkit-test"
 KEY = "sk-test-key"
 MAX_MODEL_LEN = 256
@@ -39,7 +40,7 @@ def running(app) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = UVICORN_SERVER(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

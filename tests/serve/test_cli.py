@@ -8,7 +8,7 @@ import pytest
 
 from glmkit import cli
 
-from .conftest import running
+from .conftest import running, wait_for
 from .fake import FakeScheduler
 
 openai = pytest.importorskip("openai")
@@ -30,33 +30,71 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
     assert "pip install 'glmkit[serve]'" in capsys.readouterr().err
 
 
-def test_serve_loads_the_model_and_serves_it(monkeypatch, tokenizer):
+class FakeUvicorn:
+    """uvicorn.Server for the CLI's wiring: `run` calls the test's `serve(server)` instead of serving forever."""
+
+    serve = None
+
+    def __init__(self, config):
+        self.config, self.should_exit = config, False
+
+    def run(self):
+        type(self).serve(self)
+
+
+def test_serve_answers_503_while_loading_then_serves(monkeypatch, tokenizer):
+    import threading
+
+    import httpx
     import uvicorn
 
-    made: dict = {}
+    made, loaded = {}, threading.Event()
 
     def scheduler(model, tok, **kwargs):
+        assert loaded.wait(60), "the test never let loading finish"
         made.update(model=model, kwargs=kwargs, engine=FakeScheduler(tok))
         return made["engine"]
 
-    def run(app, host, port, **kwargs):  # instead of serving forever: serve while one client makes its calls
-        made.update(host=host, port=port)
-        assert made["engine"]._thread is not None, "the scheduler starts before the server"
-        with running(app) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0) as client:
-            made["models"] = [m.id for m in client.models.list().data]
-            made["reply"] = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+    def serve(server):
+        made.update(host=server.config.host, port=server.config.port)
+        with running(server.config.app) as url:
+            health = httpx.get(f"{url}/health")
+            assert (health.status_code, health.json()) == (503, {"status": "loading"})
+            early = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"})
+            assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
+            loaded.set()
+            wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, "the model to load")
+            assert made["engine"]._thread is not None, "the scheduler starts before requests are taken"
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0) as client:
+                made["models"] = [m.id for m in client.models.list().data]
+                made["reply"] = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+                made["metrics"] = httpx.get(f"{url}/metrics").text
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
 
     monkeypatch.setattr("glmkit.serve.scheduler.Scheduler", scheduler)
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(FakeUvicorn, "serve", staticmethod(serve))
+    monkeypatch.setattr(uvicorn, "Server", FakeUvicorn)
     argv = ["serve", "--served-model-name", "tiny", "--api-key", "k3y", "--port", "8123", "--host", "0.0.0.0",
             "--max-num-seqs", "4", "--max-queue-len", "9", "--max-model-len", "300"]  # fmt: skip
     assert cli.main(argv) == 0
     assert made["model"].config.model_type == "glm" and (made["host"], made["port"]) == ("0.0.0.0", 8123)
     assert made["kwargs"] == {"max_num_seqs": 4, "max_queue_len": 9, "max_model_len": 300}
     assert made["models"] == ["tiny"] and made["reply"].usage.completion_tokens == 3
+    assert 'glmkit:time_to_first_token_seconds_count{model_name="tiny"} 1.0' in made["metrics"]
     assert made["engine"]._stopping, "the scheduler stops with the server"
+
+
+def test_a_model_that_fails_to_load_ends_the_server(monkeypatch, capsys):
+    import uvicorn
+
+    def serve(server):
+        wait_for(lambda: server.should_exit, "the failed load to stop the server")
+
+    monkeypatch.setattr(FakeUvicorn, "serve", staticmethod(serve))
+    monkeypatch.setattr(uvicorn, "Server", FakeUvicorn)
+    assert cli.main(["serve", "--model", "/no/such/checkpoint"]) == 1
+    assert "/no/such/checkpoint" in capsys.readouterr().err
 
 
 def test_max_model_len_past_the_model_is_an_error(capsys):

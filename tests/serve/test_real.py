@@ -169,3 +169,35 @@ def test_engine_limits_are_400s(url):
     assert httpx.post(f"{url}/v1/completions", json=too_long).status_code == 400
     bias = {"model": MODEL, "prompt": "x", "logit_bias": {"5000": 1.0}}
     assert httpx.post(f"{url}/v1/completions", json=bias).json()["error"]["param"] == "logit_bias"
+
+
+def _metric(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_metrics_count_what_usage_reports(scheduler, tokenizer):
+    """/metrics in Prometheus' format: token counters advance by the usage the responses report, one TTFT
+    and (tokens - 1) inter-token latencies per request, nothing left running."""
+    import httpx
+
+    with running(create_app(scheduler, tokenizer, MODEL, max_model_len=MAX_MODEL_LEN)) as base:
+        before = httpx.get(f"{base}/metrics")
+        assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0) as client:
+            usages = [client.completions.create(model=MODEL, prompt=p, max_tokens=5 + i, temperature=0).usage
+                      for i, p in enumerate(PROMPTS)]  # fmt: skip
+        after = httpx.get(f"{base}/metrics").text
+    for name, key in [("glmkit:prompt_tokens_total", "prompt_tokens"),
+                      ("glmkit:generation_tokens_total", "completion_tokens")]:  # fmt: skip
+        assert _metric(after, name) - _metric(before.text, name) == sum(getattr(u, key) for u in usages)
+    assert _metric(after, "glmkit:time_to_first_token_seconds_count") == len(PROMPTS)
+    gaps = sum(u.completion_tokens - 1 for u in usages)
+    assert _metric(after, "glmkit:time_per_output_token_seconds_count") == gaps
+    assert _metric(after, "glmkit:e2e_request_latency_seconds_count") == len(PROMPTS)
+    assert _metric(after, "glmkit:num_requests_running") == 0 and _metric(after, "glmkit:num_requests_waiting") == 0
