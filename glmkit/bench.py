@@ -6,6 +6,7 @@
     glmkit bench --bundled --stream --lookup             # the bundled default models: the engine targets
     glmkit bench --load                                  # peak RSS and time while loading a checkpoint
     glmkit bench --deep --compile --batch 1              # 40 narrow layers: host overhead dominates
+    glmkit bench serve --mid --compare                   # the OpenAI server under load (glmkit/serve/bench.py)
     (python benchmarks/decode.py ARGS runs the same code; benchmarks/gpu.sh is the whole GPU session)
 
 Random weights (the default): both models share one set of weight tensors (glmkit's parameter names are
@@ -699,6 +700,11 @@ def run_engine_modes(args: argparse.Namespace, device: torch.device, bw: Bandwid
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `glmkit bench serve ...`: load on the OpenAI server (glmkit/serve/bench.py)
+        from .serve.bench import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.load_child:
         load_child(*args.load_child)
