@@ -18,6 +18,7 @@ from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_N_MULTIPLE = 16  # the CPU int4 packing works on blocks of 16 output features
+_ROWS = 256  # output rows quantized at a time
 _INNER_K_TILES = 8  # the CPU packing ignores it; the argument is kept for the CUDA op's signature
 
 
@@ -27,9 +28,12 @@ _INNER_K_TILES = 8  # the CPU packing ignores it; the argument is kept for the C
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), scales (N,) in scale_dtype). q is rounded against the stored
     (rounded) scale, so dequantizing with what is kept is the closest it can be."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)
-    q = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    largest = torch.maximum(weight.amax(dim=1).float(), -weight.amin(dim=1).float())  # |w| max, no |w| copy
+    scales = (largest / 127).clamp(min=1e-12).to(scale_dtype)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS):  # row blocks: the float scratch stays small
+        rows = slice(start, start + _ROWS)
+        q[rows] = (weight[rows].float() / scales[rows].float()[:, None]).round_().clamp_(-128, 127)
     return q, scales
 
 
@@ -41,13 +45,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
     """(N, K) float -> (int4 values as uint8 (N, K) in 0..15, scales_and_zeros (K/group, N, 2)).
     Asymmetric per group (min/max), zero = min + 8 * scale as the kernel expects."""
     N, K = weight.shape
-    w = weight.float().reshape(N, K // group_size, group_size)  # (N, G, g)
-    low, high = w.amin(dim=2), w.amax(dim=2)  # (N, G)
+    w = weight.reshape(N, K // group_size, group_size)  # (N, G, g)
+    low, high = w.amin(dim=2).float(), w.amax(dim=2).float()  # (N, G)
     scales = ((high - low) / 15).clamp(min=1e-6).to(scale_dtype)
     zeros = (low + 8 * scales.float()).to(scale_dtype)
-    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    q = torch.empty(N, K // group_size, group_size, dtype=torch.uint8, device=weight.device)
+    for start in range(0, N, _ROWS):  # row blocks: the float scratch stays small
+        rows = slice(start, start + _ROWS)
+        block = w[rows].float() - zeros[rows].float()[..., None]
+        q[rows] = block.div_(scales[rows].float()[..., None]).add_(8).round_().clamp_(0, 15)
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
-    return q.reshape(N, K).to(torch.uint8), scales_and_zeros
+    return q.reshape(N, K), scales_and_zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -68,8 +76,22 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def to_kernel_layout(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values (N, K) -> the CPU int4 kernel's packed uint8 (N, K/2)."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
+    """uint8 values (N, K) -> the CPU int4 kernel's packed uint8 (N, K/2). The packing is row-block local,
+    so it runs on blocks of rows: the int32 copy the op wants stays small."""
+    out = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)
+    for start in range(0, q.shape[0], _ROWS):
+        block = q[start : start + _ROWS].to(torch.int32)
+        out[start : start + _ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, _INNER_K_TILES)
+    return out
+
+
+def nibbles_to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The saved layout (N, K/2) -> the kernel's, a block of rows at a time (small scratch)."""
+    out = torch.empty_like(packed)
+    for start in range(0, packed.shape[0], _ROWS):
+        rows = slice(start, start + _ROWS)
+        out[rows] = to_kernel_layout(unpack_nibbles(packed[rows]))
+    return out
 
 
 def from_kernel_layout(packed: torch.Tensor, in_features: int, group_size: int, chunk: int = 1024) -> torch.Tensor:
@@ -174,7 +196,7 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         key = prefix + "weight"
         if key in state_dict and state_dict[key].device.type == "cpu":
-            state_dict[key] = to_kernel_layout(unpack_nibbles(state_dict[key]))
+            state_dict[key] = nibbles_to_kernel_layout(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

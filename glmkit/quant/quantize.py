@@ -46,7 +46,8 @@ class QuantSpec:
 
     def to_config_dict(self) -> dict[str, Any]:
         """The `quantization_config` written to config.json."""
-        return {"quant_method": QUANT_METHOD, "quant_type": f"{self.method}_weight_only", **asdict(self)}
+        fields = {k: v for k, v in asdict(self).items() if k != "method"}  # the method is in quant_type
+        return {"quant_method": QUANT_METHOD, "quant_type": f"{self.method}_weight_only", **fields}
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> QuantSpec:
@@ -85,6 +86,8 @@ def resolve_spec(quantization: str | QuantSpec | None, quantization_config: dict
     if quantization_config is not None:
         asked = QuantSpec.from_config_dict(quantization_config)
     held = QuantSpec.from_config_dict(saved) if saved is not None else None
+    if held is not None and quantization == held.method:  # a bare method name asks for no particular group size
+        asked = held
     if held is not None and asked is not None and asked != held:
         raise ValueError(f"the checkpoint is already quantized ({held}); it cannot be loaded as {asked}")
     return held or asked
