@@ -495,6 +495,21 @@ def eval_(args: argparse.Namespace) -> int:
     return run_cli(args.options)
 
 
+# ---- quantize ----------------------------------------------------------------------------------------
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    from .quant.cli import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand("quantize", "write an int8 / int4 weight-only checkpoint that from_pretrained loads as is",
+            _quantize_arguments)  # fmt: skip
+def quantize(args: argparse.Namespace) -> int:
+    from .quant.cli import run
+
+    return run(args)
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
