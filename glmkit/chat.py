@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import re
+import threading
+import time
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -19,7 +22,7 @@ from typing import Any
 
 import jinja2
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from .tokenization.glm4 import GLM4_PREFIX, GLM4_ROLE_TOKENS
 
@@ -123,12 +126,63 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# a template from a checkpoint is code we did not write: rendering one gets this many loop steps and
+# seconds, and no repetition producing a value longer than _MAX_VALUE
+MAX_TEMPLATE_STEPS = 1_000_000
+MAX_TEMPLATE_SECONDS = 10.0
+_MAX_VALUE = 10_000_000
+_budget = threading.local()
+
+
+def _tick() -> None:
+    """One loop step of the template being rendered (this thread's): raise once over the limits."""
+    _budget.steps = getattr(_budget, "steps", 0) + 1
+    if _budget.steps > MAX_TEMPLATE_STEPS:
+        raise ChatTemplateError(f"the chat template ran more than {MAX_TEMPLATE_STEPS:,} loop steps; it does not "
+                                "terminate in reasonable time (a loop over a huge range?)")  # fmt: skip
+    if _budget.steps % 1024 == 0 and time.monotonic() > getattr(_budget, "deadline", math.inf):
+        raise ChatTemplateError(f"the chat template took more than {MAX_TEMPLATE_SECONDS:g}s to render")
+
+
+class _CountedRange:
+    """`range` for templates: sandbox-sized, and every step counted against the render's budget."""
+
+    def __init__(self, *args: int):
+        self._range = safe_range(*args)
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __iter__(self) -> Any:
+        for value in self._range:
+            _tick()
+            yield value
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """The reference's sandbox, with `**` and `*` refusing results too large to be a chat prompt
+    (`10 ** 10 ** 10` or `'x' * 10 ** 9` would hang or exhaust memory)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            if right * math.log10(abs(left)) > 70:  # more than 70 digits is no prompt's business
+                raise ChatTemplateError(f"the chat template computes {left} ** {right}, too large a number")
+        if operator == "*":
+            count, seq = (right, left) if isinstance(right, int) else (left, right)
+            if isinstance(count, int) and isinstance(seq, (str, list, tuple)) and count * len(seq) > _MAX_VALUE:
+                raise ChatTemplateError(f"the chat template repeats a value {count} times, too large a result")
+        return super().call_binop(context, operator, left, right)
+
+
 @functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in the reference's sandboxed environment (cached)."""
-    env = ImmutableSandboxedEnvironment(
+    env = _LimitedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]
     )
+    env.globals["range"] = _CountedRange
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -311,6 +365,43 @@ def _trim_to_final_message(rendered: str, messages: list[Any]) -> str:
     return rendered[: start + len(final.strip())]
 
 
+_CONTENT_TYPE_TEST = re.compile(r"content\s+is\s+(not\s+)?(string|iterable|sequence|mapping)|visible_text"
+                                r"|(\.type|\[['\"]type['\"]\])\s*==\s*['\"](text|image)")
+
+
+def _reads_content_parts(template: str) -> bool:
+    """Whether a template looks at the type of `content` (multimodal templates do: `content is string`,
+    `item.type == 'text'`); those get list contents as they are."""
+    return _CONTENT_TYPE_TEST.search(template) is not None
+
+
+def _renderable(message: Mapping[str, Any], i: int, parts_ok: bool) -> Mapping[str, Any]:
+    """A message whose content the template can render: a list of text parts joined as the reference's GLM
+    templates join them (`visible_text`), None only beside tool calls; anything else raises, naming it."""
+    content = message.get("content")
+    if content is None:
+        if "content" in message and not message.get("tool_calls"):
+            raise ValueError(f"message {i} (role {message['role']!r}) has content None; give it a string "
+                             "(or tool_calls for an assistant turn)")  # fmt: skip
+        return message
+    if isinstance(content, str) or parts_ok:
+        return message
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"message {i} (role {message['role']!r}): content must be a string or a list of "
+                        f"{{'type': 'text', 'text': ...}} parts, got {type(content).__name__}")  # fmt: skip
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"message {i} (role {message['role']!r}) has a content part of type {kind!r}: this "
+                             "chat template renders text only")  # fmt: skip
+    return {**message, "content": "".join(texts)}
+
+
 def render(
     template: str,
     messages: Any,
@@ -330,6 +421,8 @@ def render(
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise TypeError("documents must be a list of dicts (with 'title' and 'text')")
     compiled = compile_template(template)
+    messages = [_renderable(m, i, _reads_content_parts(template)) for i, m in enumerate(messages)]
+    _budget.steps, _budget.deadline = 0, time.monotonic() + MAX_TEMPLATE_SECONDS
     try:
         rendered = compiled.render(
             messages=messages,
@@ -340,8 +433,10 @@ def render(
         )
     except ChatTemplateError:
         raise
-    except Exception as e:  # e.g. an undefined variable, or `'a' + 1` inside the template
-        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # e.g. an undefined variable, `'a' + 1` or endless recursion inside the template
+        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {str(e)[:300]}") from e
+    finally:
+        _budget.deadline = math.inf
     if continue_final_message:
         rendered = _trim_to_final_message(rendered, messages)
     return rendered

@@ -234,12 +234,28 @@ def resolve_device(device_map: str | int | torch.device | dict | None) -> torch.
         return torch.device("cpu")
     if device_map == "auto":
         return infer_device()
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    try:
-        return torch.device(device_map)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device_map {device_map!r}") from None
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device = torch.device("cuda", device_map)
+    else:
+        try:
+            device = torch.device(device_map)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device_map {device_map!r}") from None
+    check_device_available(device)
+    return device
+
+
+def check_device_available(device: torch.device) -> None:
+    """A device this machine has, else a ValueError saying so (torch's own error is an assertion deep inside)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here "
+                             f"(torch {torch.__version__}); use --device cpu / device_map='cpu' or 'auto'")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")  # fmt: skip
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {str(device)!r} was asked for, but Apple MPS is not available here")
 
 
 def parse_size(size: int | str) -> int:

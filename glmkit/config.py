@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,12 @@ UNSUPPORTED_MATH_KEYS = {
     "attention_multiplier": (None,),
     "logits_scaling": (None, 1, 1.0),
 }
+# sizes every family reads (the names differ between families); each must be a positive integer
+POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "d_model", "ffn_dim", "num_layers",
+                     "attention_heads")  # fmt: skip
+NUMBER_KEYS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "partial_rotary_factor", "initializer_range",
+               "init_std", "dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "layerdrop")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 
 
@@ -107,6 +114,44 @@ class PretrainedConfig:
         if self.uses_rope:
             self._normalize_rope()
         self._reject_unsupported_math()
+        self._check_sizes()
+
+    # ---- validation -----------------------------------------------------------------------------
+    def _check_sizes(self) -> None:
+        """Sizes must be positive integers and numbers numbers (a "4096" string, zero heads or a pad id past
+        the vocabulary would fail deep inside the model, or not at all)."""
+        fields = self.__dict__
+        for key in POSITIVE_INT_KEYS:
+            value = fields.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"config {key} must be a positive integer, got {value!r}"
+                                  + (" (a string)" if isinstance(value, str) else ""))  # fmt: skip
+        for key in NUMBER_KEYS:
+            value = fields.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"config {key} must be a number, got {value!r}")
+        self._check_heads()
+        vocab = fields.get("vocab_size")
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = fields.get(key)
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if token is None:
+                    continue
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise ConfigError(f"config {key} must be a non-negative token id, got {value!r}")
+                if key == "pad_token_id" and vocab is not None and token >= vocab:
+                    raise ConfigError(f"config pad_token_id {token} is outside the vocabulary (vocab_size {vocab})")
+
+    def _check_heads(self) -> None:
+        fields = self.__dict__
+        heads = fields.get("num_attention_heads", fields.get("attention_heads"))
+        width = fields.get("hidden_size", fields.get("d_model"))
+        kv_heads = fields.get("num_key_value_heads")
+        if heads and kv_heads and heads % kv_heads:
+            raise ConfigError(f"config num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                              f"({kv_heads})")  # fmt: skip
+        if heads and width and fields.get("head_dim") is None and width % heads:
+            raise ConfigError(f"config hidden size {width} must be divisible by the {heads} attention heads")
 
     # ---- rope ---------------------------------------------------------------------------------
     def _normalize_rope(self) -> None:
@@ -207,6 +252,22 @@ class PretrainedConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+# from_pretrained keywords of the reference that change nothing here (accepted and dropped)
+IGNORED_LOADING_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "force_download",
+                          "resume_download", "proxies", "_fast_init")  # fmt: skip
+
+
+def unknown_overrides(config_class: type[PretrainedConfig], data: dict[str, Any],
+                      overrides: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Keyword arguments to a model's from_pretrained that are no config field (in config.json, the class's
+    arguments or its defaults): a misspelling such as `torch_dtpye=` must not become a silent attribute."""
+    known = set(data) | set(vars(config_class())) | {"num_labels", "dtype", "torch_dtype", "attn_implementation"}
+    for klass in config_class.__mro__:
+        if "__init__" in vars(klass):
+            known |= set(inspect.signature(klass.__init__).parameters)
+    return sorted(set(overrides) - known)
 
 
 def read_config_dict(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:

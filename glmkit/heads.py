@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .generation import GenerationConfig, GenerationMixin
-from .modeling import PreTrainedModel
+from .modeling import PreTrainedModel, check_id_tensor, check_token_ids
 from .outputs import (
     CausalLMOutputWithPast,
     ModelOutput,
@@ -58,6 +58,7 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, con
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
         return F.mse_loss(logits, labels.to(logits.dtype))
     if config.problem_type == "single_label_classification":
+        check_token_ids(labels, num_labels, "labels", ignore=-100, kind="label", where="the labels")
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
@@ -107,6 +108,8 @@ class ForCausalLM(GenerationMixin, _HeadModel):
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
+            check_id_tensor(labels, "labels")
+            check_token_ids(labels, self.config.vocab_size, "labels", ignore=-100)
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(
                     f"labels shape {tuple(labels.shape)} must match the input's {tuple(hidden.shape[:2])}"
@@ -198,6 +201,8 @@ class ForTokenClassification(_HeadModel):
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
+            check_id_tensor(labels, "labels")
+            check_token_ids(labels, self.num_labels, "labels", ignore=-100, kind="label", where="the labels")
             loss = F.cross_entropy(
                 logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device)
             )

@@ -35,6 +35,10 @@ class NotInCacheError(FileNotFoundError):
     """A hub id was asked for while downloading is off, and the local cache does not hold it."""
 
 
+class HubUnreachableError(NotInCacheError):
+    """A hub id was asked for online, the Hub could not be reached, and the local cache does not hold it."""
+
+
 class HubError(FileNotFoundError):
     """A hub id that cannot be resolved: no such repository or revision, or no access to it."""
 
@@ -102,6 +106,12 @@ def _snapshot(
             hf.snapshot_download(repo_id, revision=revision, allow_patterns=wanted, cache_dir=cache_dir, token=token)
         )
     except LocalEntryNotFoundError as err:
+        if not offline:  # online, but the Hub did not answer (see _list_repo_files)
+            raise HubUnreachableError(
+                f"the Hugging Face Hub is unreachable (no network, a proxy or a firewall?) and {where} is not in "
+                f"the local cache ({cache_dir}). Check the connection, or pass a local checkpoint directory "
+                f"(there is no directory {repo_id!r} here)."
+            ) from err
         raise NotInCacheError(
             f"{where} is not in the local Hugging Face cache ({cache_dir}) and downloading is off "
             f"(HF_HUB_OFFLINE=1 or local_files_only=True). Download it first while online (unset "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
-from .config import PretrainedConfig
+from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, unknown_overrides
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm, build_attention_mask
@@ -122,6 +123,10 @@ class PreTrainedModel(nn.Module):
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if kwargs.get("attn_implementation"):
             config._attn_implementation = kwargs.pop("attn_implementation")
+        kwargs.pop("attn_implementation", None)
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_config() got unexpected keyword arguments {', '.join(sorted(kwargs))}"
+                            " (set config fields on the config itself)")  # fmt: skip
         model = cls(config)
         return model.to(resolve_dtype(dtype, config.torch_dtype, None)) if dtype is not None else model
 
@@ -146,7 +151,14 @@ class PreTrainedModel(nn.Module):
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
         """
         directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+        for ignored in IGNORED_LOADING_KWARGS:
+            kwargs.pop(ignored, None)
         if config is None:
+            unknown = unknown_overrides(cls.config_class, read_config_dict(directory), kwargs)
+            if unknown:
+                raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments "
+                                f"{', '.join(unknown)}: neither loading options nor fields of "
+                                f"{cls.config_class.__name__}{_did_you_mean(unknown[0])}")  # fmt: skip
             config = cls.config_class.from_pretrained(directory, **kwargs)
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
@@ -277,18 +289,73 @@ class PreTrainedModel(nn.Module):
             generation_config.save_pretrained(path)
 
 
+_FROM_PRETRAINED_KWARGS = ("config", "dtype", "torch_dtype", "device_map", "attn_implementation", "quantization",
+                           "quantization_config", "revision", "local_files_only", "cache_dir", "token")  # fmt: skip
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, _FROM_PRETRAINED_KWARGS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class InputError(ValueError):
     """Bad model input: token ids outside the vocabulary, inconsistent shapes, a too-long sequence."""
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise InputError naming the first id outside [0, vocab_size) (one host sync per call)."""
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids", ignore: int | None = None,
+                    kind: str = "token id", where: str = "the vocabulary") -> None:  # fmt: skip
+    """Raise InputError naming the first id outside [0, vocab_size) (one host sync per call); `ignore`
+    (labels' -100) is allowed too."""
     if input_ids.numel() == 0:
         return
-    low, high = torch.aminmax(input_ids)
-    if int(low) < 0 or int(high) >= vocab_size:
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
-        raise InputError(f"token id {int(bad)} is outside the vocabulary (valid ids are 0..{vocab_size - 1})")
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if ignore is not None:
+        bad &= input_ids != ignore
+    if bool(bad.any()):
+        allowed = f"0..{vocab_size - 1}" + (f" or {ignore}" if ignore is not None else "")
+        raise InputError(f"{name}: {kind} {int(input_ids[bad][0])} is outside {where} "
+                         f"(valid ids are {allowed})")  # fmt: skip
+
+
+def check_id_tensor(value: Any, name: str, dims: tuple[int, ...] = (2,)) -> torch.Tensor:
+    """`value` must be an integer tensor of one of `dims` dimensions: raise TypeError / InputError naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(value).__name__} "
+                        f"(wrap it: torch.tensor(...))")  # fmt: skip
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids (torch.long), got dtype {value.dtype}")
+    if value.dim() not in dims:
+        raise InputError(f"{name} must have shape (batch, seq_len), got {tuple(value.shape)}")
+    return value
+
+
+def check_attention_mask(mask: Any, B: int, K: int, tokens_in: str | None = "every row") -> None:
+    """A (B, K) mask over every key (past and new) with a token to attend to in "every row", in "some row",
+    or (None) unchecked: an all-zero mask silently attends everywhere."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() != 2 or tuple(mask.shape) != (B, K):
+        raise InputError(f"attention_mask must have shape (batch, past + seq_len) = ({B}, {K}), "
+                         f"got {tuple(mask.shape)}")  # fmt: skip
+    if tokens_in == "some row" and not bool(mask.any()):
+        raise InputError(f"attention_mask is all zeros (shape {tuple(mask.shape)}): there is no token to attend to")
+    if tokens_in == "every row":
+        empty = ~mask.bool().any(dim=-1)
+        if bool(empty.any()):
+            raise InputError(f"attention_mask row {int(empty.nonzero()[0, 0])} is all zeros: every row needs at "
+                             "least one token to attend to")  # fmt: skip
+
+
+_WARNED_CONTEXT: set[tuple[str, int]] = set()
+
+
+def warn_past_context(model: Any, length: int, what: str) -> None:
+    """The reference runs past max_position_embeddings without a word; say it once per model class."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit and (type(model).__name__, limit) not in _WARNED_CONTEXT:
+        _WARNED_CONTEXT.add((type(model).__name__, limit))
+        logger.warning("%s reaches position %d, past the model's max_position_embeddings (%d): outputs there are "
+                       "not what the model was trained for", what, length, limit)  # fmt: skip
 
 
 @dataclass
@@ -367,6 +434,7 @@ class DecoderModel(PreTrainedModel):
         **extra: Any,
     ) -> ModelOutput | tuple:
         cfg = self.config
+        use_cache_arg = bool(use_cache)
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         trace = LayerTrace(
             hidden_states=cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
@@ -382,9 +450,14 @@ class DecoderModel(PreTrainedModel):
             cache_position = torch.arange(past, past + T, device=x.device)
         if position_ids is None:  # the reference continues from the cache; it does not look at the mask
             position_ids = cache_position[None]
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
-            raise InputError(f"attention_mask must have shape (batch, seq_len) = ({B}, {past + T}), "
-                             f"got {tuple(attention_mask.shape)}")  # fmt: skip
+            warn_past_context(self, past + T, "the input")
+        else:
+            position_ids = self._check_position_ids(position_ids, B, T)
+        if attention_mask is not None:
+            # a padding-only row in a batch is allowed (its outputs are meaningless, the others' are right); a
+            # mask with no token at all is a mistake. Incremental decoding may start on an all-padding chunk.
+            incremental = past_key_values is not None or use_cache_arg
+            check_attention_mask(attention_mask, B, past + T, None if incremental else "some row")
         if cache is not None:
             cache.begin(B, T, x.device)
             if attention_mask is not None:
@@ -410,8 +483,31 @@ class DecoderModel(PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is None:
-            return inputs_embeds
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        check_token_ids(input_ids, self.embed_tokens.num_embeddings)
-        return self.embed_tokens(input_ids)
+            C = self.embed_tokens.embedding_dim
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError(f"inputs_embeds must be a floating-point torch.Tensor, got "
+                                f"{getattr(inputs_embeds, 'dtype', type(inputs_embeds).__name__)}")  # fmt: skip
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != C:
+                raise InputError(f"inputs_embeds must have shape (batch, seq_len, {C}), "
+                                 f"got {tuple(inputs_embeds.shape)}")  # fmt: skip
+            x = inputs_embeds
+        else:
+            check_id_tensor(input_ids, "input_ids")
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
+            x = self.embed_tokens(input_ids)
+        if x.shape[1] == 0:
+            raise InputError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} is empty (seq_len 0): "
+                             "there is nothing to run")  # fmt: skip
+        return x
+
+    def _check_position_ids(self, position_ids: Any, B: int, T: int) -> torch.Tensor:
+        """(B, T) or (1, T) non-negative integer positions (one host sync per call)."""
+        check_id_tensor(position_ids, "position_ids", dims=(1, 2))
+        position_ids = position_ids if position_ids.dim() == 2 else position_ids[None]
+        if position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
+            raise InputError(f"position_ids must have shape ({B}, {T}) or (1, {T}), got {tuple(position_ids.shape)}")
+        low, high = torch.aminmax(position_ids)
+        if int(low) < 0:
+            raise InputError(f"position_ids must be >= 0, got {int(low)}")
+        warn_past_context(self, int(high) + 1, "position_ids")
+        return position_ids

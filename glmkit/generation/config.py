@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# integer settings and their smallest sensible value (no_repeat_ngram_size <= 0 is ignored, as in the reference)
+_INT_MINIMUM = {
+    "max_length": 1, "max_new_tokens": 1, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
+    "num_return_sequences": 1, "top_k": 0, "no_repeat_ngram_size": -(2**63), "prompt_lookup_num_tokens": 1,
+    "max_matching_ngram_size": 1, "num_assistant_tokens": 1,
+}  # fmt: skip
+_FLOATS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
+           "assistant_confidence_threshold")  # fmt: skip
+_BOOLS = ("do_sample", "output_scores", "return_dict_in_generate", "use_cache")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class GenerationConfig:
     """Decoding settings with the reference's defaults (note top_k=50 applies whenever do_sample).
 
@@ -65,6 +81,8 @@ class GenerationConfig:
         return new
 
     def validate(self) -> None:
+        """Raise TypeError for a wrong-typed setting and ValueError for an impossible one, naming it."""
+        self._check_types()
         if self.do_sample:
             t = self.temperature
             if t is not None and (not isinstance(t, (int, float)) or t <= 0):
@@ -96,8 +114,34 @@ class GenerationConfig:
                 "Greedy methods without beam search do not support `num_return_sequences` different than 1 "
                 f"(got {self.num_return_sequences})."
             )
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be >= 0, got {self.max_new_tokens}")
+        for name, low in _INT_MINIMUM.items():
+            value = getattr(self, name, None)
+            if value is not None and value < low:
+                raise ValueError(f"`{name}` must be >= {low}, but is {value}.")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            ids = getattr(self, name, None)
+            if any(i < 0 for i in ([ids] if isinstance(ids, int) else ids or [])):
+                raise ValueError(f"`{name}` must be non-negative token ids, got {ids!r}")
+
+    def _check_types(self) -> None:
+        for name in _INT_MINIMUM:
+            value = getattr(self, name, None)
+            if value is not None and not _is_int(value):
+                raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+        for name in _FLOATS:
+            value = getattr(self, name, None)
+            if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+                raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
+        for name in _BOOLS:
+            value = getattr(self, name, None)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__})")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            ids = getattr(self, name, None)
+            if ids is not None and not (_is_int(ids) or (isinstance(ids, (list, tuple)) and all(map(_is_int, ids)))):
+                raise TypeError(f"`{name}` must be a token id or a list of them, got {ids!r}")
+        if self.stop_strings is not None and not isinstance(self.stop_strings, (str, list, tuple)):
+            raise TypeError(f"`stop_strings` must be a string or a list of strings, got {self.stop_strings!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

@@ -196,7 +196,8 @@ def reserved_length(model: Any, prompt_length: int, total: int, mode: str) -> in
     if mode != "plain":
         raise ValueError(f"the prompt plus max_new_tokens is {total} tokens, more than the model's "
                          f"max_position_embeddings ({context}) that a static cache (compile=True / "
-                         "cache_implementation='static') or beam search preallocates: lower max_new_tokens")  # fmt: skip
+                         "cache_implementation='static') or beam search preallocates: "
+                         "lower max_new_tokens")  # fmt: skip
     return max(context, prompt_length + 1)
 
 

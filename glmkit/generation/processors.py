@@ -50,12 +50,17 @@ class NoRepeatNGram:
 class BadWords:
     """Forbid single tokens always, and the last token of a multi-token sequence after its prefix."""
 
-    def __init__(self, bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int]):
+    def __init__(self, bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int],
+                 vocab_size: int | None = None):  # fmt: skip
         if not isinstance(bad_words_ids, (list, tuple)) or not all(
             isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq)
             for seq in bad_words_ids
         ):
             raise ValueError(f"`bad_words_ids` must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
+        outside = [t for seq in bad_words_ids for t in seq if vocab_size is not None and t >= vocab_size]
+        if outside:
+            raise ValueError(f"`bad_words_ids` holds token id {outside[0]}, outside the vocabulary "
+                             f"(0..{vocab_size - 1})")  # fmt: skip
         seqs = [list(s) for s in bad_words_ids if not (len(s) == 1 and s[0] in eos_token_ids)]
         self.single = sorted({s[0] for s in seqs if len(s) == 1})
         self.multi = [s for s in seqs if len(s) > 1]
@@ -151,15 +156,16 @@ class Typical:
         return scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
 
 
-def build_processors(config, prompt_length: int, eos_token_ids: Sequence[int]) -> list[LogitsProcessor]:
+def build_processors(config, prompt_length: int, eos_token_ids: Sequence[int],
+                     vocab_size: int | None = None) -> list[LogitsProcessor]:  # fmt: skip
     """The processor chain for a GenerationConfig, in the reference's order (penalties, then warpers)."""
     chain: list[LogitsProcessor] = []
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         chain.append(RepetitionPenalty(config.repetition_penalty))
-    if config.no_repeat_ngram_size:
+    if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:  # <= 0: off, as in the reference
         chain.append(NoRepeatNGram(config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
-        chain.append(BadWords(config.bad_words_ids, eos_token_ids))
+        chain.append(BadWords(config.bad_words_ids, eos_token_ids, vocab_size))
     if eos_token_ids and config.min_length:
         chain.append(MinLength(config.min_length, eos_token_ids))
     if eos_token_ids and config.min_new_tokens:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..modeling import check_attention_mask, check_id_tensor, warn_past_context
 from ..outputs import ModelOutput
 from ..tokenization import streaming_detokenizer
 from . import engine
@@ -69,12 +70,43 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
         eos = list(dict.fromkeys(_as_list(kwargs.get("eos_token_id")) + _as_list(base.eos_token_id)
                                  + _as_list(getattr(model.config, "eos_token_id", None))))  # fmt: skip
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
-    if config.max_new_tokens is not None:
-        max_new = config.max_new_tokens
-    else:
-        max_new = config.max_length - prompt_length
+    vocab = model.get_output_embeddings().out_features
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise ValueError(f"`{name}` {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    max_new = _max_new_tokens(model, config, prompt_length, "max_length" in kwargs)
+    warn_past_context(model, prompt_length, "the prompt")
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    return Plan(config, eos, pad, max(1, max_new), build_processors(config, prompt_length, eos), stop)
+    return Plan(config, eos, pad, max_new, build_processors(config, prompt_length, eos, vocab), stop)
+
+
+def _max_new_tokens(model: Any, config: GenerationConfig, prompt_length: int, max_length_given: bool) -> int:
+    """New tokens to generate, as the reference decides: max_new_tokens, else max_length minus the prompt,
+    where the untouched default max_length (20) means 20 new tokens within max_position_embeddings."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    max_length = config.max_length
+    if not max_length_given and max_length == DEFAULTS["max_length"]:
+        context = getattr(model.config, "max_position_embeddings", None)
+        max_length = prompt_length + max_length if context is None else min(prompt_length + max_length, context)
+    if prompt_length >= max_length:
+        raise ValueError(f"Input length of input_ids is {prompt_length}, but `max_length` is set to {max_length}: "
+                         "nothing is left to generate. Increase `max_length` or, better, set `max_new_tokens`.")
+    return max_length - prompt_length
+
+
+def check_prompt(input_ids: Any, attention_mask: Any) -> None:
+    """Once per call, before any work: ids (batch, seq_len) of integers with at least one token, and a mask
+    of the same shape with a real token in every row."""
+    check_id_tensor(input_ids, "input_ids")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): generation needs at least one "
+                         "prompt token (e.g. the BOS token)")  # fmt: skip
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids has no rows (batch size 0)")
+    if attention_mask is not None:
+        check_attention_mask(attention_mask, *input_ids.shape)
 
 
 def _drafter(model: Any, config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -134,6 +166,7 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     `cache_implementation="static"` and speculative decoding work as in `generate`."""
     fast = _pop_fast(kwargs)
     assistant_model = kwargs.pop("assistant_model", None)
+    check_prompt(input_ids, attention_mask)
     plan = plan_generation(model, input_ids.shape[1], generation_config, tokenizer, **kwargs)
     if attention_mask is None:
         attention_mask = _default_attention_mask(input_ids, plan.pad, plan.eos)
@@ -203,8 +236,9 @@ class GenerationMixin:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
-        if input_ids is None or input_ids.dim() != 2:
+        if input_ids is None:
             raise ValueError("generate() needs input_ids of shape (batch, seq_len)")
+        check_prompt(input_ids, attention_mask)
         plan = plan_generation(self, input_ids.shape[1], generation_config, tokenizer, **kwargs)
         config = plan.config
         if attention_mask is None:
@@ -219,6 +253,8 @@ class GenerationMixin:
                 raise ValueError("`streamer` cannot be used with beam search")
             if plan.stop_strings is not None:
                 raise NotImplementedError("stop_strings with beam search is not implemented in glmkit")
+            P = input_ids.shape[1]
+            engine.reserved_length(self, P, P + plan.max_new_tokens, "beam")  # raises past the context
             out = beam_search(self, input_ids, attention_mask, plan)
             if not config.return_dict_in_generate:
                 return out.sequences

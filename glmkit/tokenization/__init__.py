@@ -22,6 +22,7 @@ from .base import (
     AddedToken,
     BatchEncoding,
     Tokenizer,
+    TokenizerFileError,
 )
 from .base import _resolve_dir as _resolve_dir  # (private, used by tests)
 from .detokenizer import StreamingDetokenizer, streaming_detokenizer
@@ -60,6 +61,7 @@ __all__ = [
     "SlowTokenizer",
     "StreamingDetokenizer",
     "Tokenizer",
+    "TokenizerFileError",
     "VERY_LARGE_INTEGER",
     "XGLMTokenizer",
     "XGLMTokenizerFast",

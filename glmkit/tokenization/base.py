@@ -135,13 +135,20 @@ def _resolve_dir(name_or_path: str | os.PathLike, **kwargs: Any) -> Path:
     return resolve_checkpoint_dir(name_or_path, **kwargs)
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer file (tokenizer.json, a sentencepiece or tiktoken model, a config) is corrupt or truncated."""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerFileError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise TokenizerFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _load_init_kwargs(directory: Path) -> dict[str, Any]:
@@ -619,11 +626,21 @@ class Tokenizer:
             ids = [ids]
         if ids and isinstance(ids[0], list):
             raise TypeError("decode takes one sequence of ids; use batch_decode for a batch")
+        self._check_ids(ids)
         text = self._decode(ids, skip_special_tokens, **kwargs)
         clean = (
             self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         )
         return _cleanup(text) if clean else text
+
+    def _check_ids(self, ids: list[Any]) -> None:
+        """Every id an integer in [0, len(self)): the backends would return "" or raise from inside."""
+        size = len(self)
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise TypeError(f"decode takes integer token ids, got {i!r} ({type(i).__name__})")
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i} is outside the vocabulary (valid ids are 0..{size - 1})")
 
     def batch_decode(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .base import AddedToken, Tokenizer
+from .base import AddedToken, Tokenizer, TokenizerFileError
 from .glm4 import GLM4_PREFIX
 from .sentencepiece import LLAMA_SPECIAL_TOKENS, XGLM_SPECIAL_TOKENS, _LlamaLayout, _with_madeup_words, _XGLMLayout
 
@@ -33,7 +33,10 @@ class FastTokenizer(Tokenizer):
         if tokenizer_object is None:
             if tokenizer_file is None or not Path(tokenizer_file).is_file():
                 raise FileNotFoundError(f"tokenizer.json not found: {tokenizer_file!r}")
-            tokenizer_object = _Backend.from_file(str(tokenizer_file))
+            try:
+                tokenizer_object = _Backend.from_file(str(tokenizer_file))
+            except Exception as err:  # the library's message never names the file
+                raise TokenizerFileError(f"cannot read the tokenizer file {tokenizer_file}: {err}") from err
         self._tokenizer = copy.deepcopy(tokenizer_object)
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()

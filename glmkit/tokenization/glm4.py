@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import chat as _chat
-from .base import AddedToken, Tokenizer
+from .base import AddedToken, Tokenizer, TokenizerFileError
 from .slow import SlowTokenizer
 
 if TYPE_CHECKING:
@@ -259,5 +259,5 @@ def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: expected 'base64-token rank', got {line[:80]!r}") from e
+                raise TokenizerFileError(f"{path}:{n}: expected 'base64-token rank', got {line[:80]!r}") from e
     return ranks

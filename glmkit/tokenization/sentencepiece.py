@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import SPIECE_UNDERLINE, Tokenizer
+from .base import SPIECE_UNDERLINE, Tokenizer, TokenizerFileError
 from .slow import SlowTokenizer
 
 XGLM_SPECIAL_TOKENS = {
@@ -106,7 +106,10 @@ class _SentencePieceTokenizer(SlowTokenizer):
         self.sp_model_kwargs = dict(sp_model_kwargs or {})
         self._proto = Path(vocab_file).read_bytes()
         self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
-        self.sp_model.LoadFromSerializedProto(self._sp_proto(self._proto))
+        try:
+            self.sp_model.LoadFromSerializedProto(self._sp_proto(self._proto))
+        except Exception as err:  # sentencepiece says only "ParseFromArray failed"
+            raise TokenizerFileError(f"cannot read the sentencepiece model {vocab_file}: {err}") from err
         super().__init__(sp_model_kwargs=self.sp_model_kwargs, **kwargs)
 
     def _sp_proto(self, proto: bytes) -> bytes:
