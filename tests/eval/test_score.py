@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glmkit import AutoModelForCausalLM, AutoTokenizer
-from glmkit.eval import loglikelihood_rolling, perplexity, rolling_windows, score, score_tokens
+from glmkit.eval import loglikelihood_rolling, perplexity, rolling_windows, score, score_tokens, scoring
 
 from .conftest import MAX_POSITIONS
 
@@ -53,7 +53,7 @@ def test_score_equals_reference_and_own_forward(checkpoint):
         assert result.per_byte == pytest.approx(result.logprob / len(continuation.encode()))
 
 
-def test_prefix_reuse_and_batching_do_not_change_scores(checkpoint):
+def test_prefix_reuse_batching_and_chunks_do_not_change_scores(checkpoint, monkeypatch):
     _, directory, _ = checkpoint
     model, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
     contexts = ["ROMEO: what say you"] * 4 + ["JULIET: O"] * 3
@@ -61,10 +61,12 @@ def test_prefix_reuse_and_batching_do_not_change_scores(checkpoint):
     shared = score(model, tokenizer, contexts, candidates, batch_size=8)
     alone = score(model, tokenizer, contexts, candidates, batch_size=1, reuse_prefix=False)
     split = score(model, tokenizer, contexts, candidates, batch_size=3)  # groups split across batches
-    for a, b, c in zip(shared, alone, split):
-        assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5)
-        assert a.logprob == pytest.approx(c.logprob, rel=1e-5, abs=1e-5)
-        assert a.is_greedy == b.is_greedy == c.is_greedy
+    monkeypatch.setattr(scoring, "PREFILL_CHUNK", 3)  # contexts and continuations forwarded in pieces
+    chunked = score(model, tokenizer, contexts, candidates, batch_size=8)
+    for a, b, c, d in zip(shared, alone, split, chunked):
+        for other in (b, c, d):
+            assert a.logprob == pytest.approx(other.logprob, rel=1e-5, abs=1e-5)
+            assert a.is_greedy == other.is_greedy
 
 
 def test_greedy_continuation_is_flagged(checkpoint):
