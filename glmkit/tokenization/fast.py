@@ -133,7 +133,10 @@ class FastTokenizer(Tokenizer):
         return self._tokenizer.get_vocab(with_added_tokens=True)
 
     def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # = get_vocab_size(with_added_tokens=True) (added ids follow the base vocabulary), which costs ~0.3 ms:
+        # decode checks ids against len() on every call, the streaming detokenizer once per token
+        added = self._tokenizer.get_added_tokens_decoder()
+        return max(self._tokenizer.get_vocab_size(with_added_tokens=False), max(added, default=-1) + 1)
 
     @property
     def vocab_size(self) -> int:
