@@ -8,8 +8,12 @@ cd "$(dirname "$0")/../.."
 python3 -m venv .venv-lmeval
 . .venv-lmeval/bin/activate
 pip install -q torch==2.13.0
-# transformers 4.56.2 (the test oracle) needs huggingface_hub < 1.0; the newest datasets would pull 1.x
-pip install -q -e ".[test,eval]" accelerate "huggingface_hub>=0.34,<1.0"
+# only what these tests import: the test extra's pytest / transformers (the oracle) / protobuf pins, read from
+# pyproject.toml, and accelerate (the hf backend's import); transformers 4.56.2 needs huggingface_hub < 1.0,
+# which the newest datasets would replace by 1.x
+oracle=$(python -c 'import re, tomllib; test = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]
+print(" ".join(d for d in test if re.split(r"[<>=!~ ]", d)[0] in ("pytest", "transformers", "protobuf")))')
+pip install -q -e ".[eval]" $oracle accelerate "huggingface_hub>=0.34,<1.0"
 export GLMKIT_REQUIRE_LM_EVAL=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 log=$(mktemp)
 python -m pytest -q -rs -p no:cacheprovider tests/eval/test_harness.py tests/eval/test_harness_chat.py | tee "$log"

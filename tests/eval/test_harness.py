@@ -139,7 +139,12 @@ def test_model_args_are_checked(glm_setup):
         harness.GlmkitLM(pretrained=str(checkpoint), colour="red")
     with pytest.raises(ValueError, match="batch_size"):
         harness.GlmkitLM(pretrained=str(checkpoint), batch_size="many")
-    assert harness.GlmkitLM(pretrained=str(checkpoint), batch_size="auto").batch_size == harness.AUTO_BATCH_SIZE
+    lm = harness.GlmkitLM(pretrained=str(checkpoint), batch_size="auto", newlines_to_eos=True)
+    assert lm.batch_size == harness.AUTO_BATCH_SIZE
+    tokenizer = lm.tokenizer
+    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("KING: my", "lord")]
+    expected = tokenizer("")["input_ids"] + pieces[0] + [tokenizer.eos_token_id] + pieces[1]
+    assert lm.tok_encode("KING: my\nlord") == expected  # XGLM's convention: a newline is `</s>`
 
 
 def test_rolling_windows_are_the_harness_windows():
