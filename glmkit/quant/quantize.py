@@ -118,6 +118,8 @@ def quantize_(model: nn.Module, method: str | QuantSpec, group_size: int | None 
 
 def _targets(model: nn.Module, spec: QuantSpec) -> Iterator[tuple[str, nn.Module]]:
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head")
+    if spec.include_lm_head and tied and not spec.include_embeddings:
+        logger.warning("lm_head is tied to the input embeddings: it stays full precision")
     if spec.include_embeddings and tied:
         raise ValueError("include_embeddings with tied input/output embeddings is not supported; "
                          "quantize the embeddings of an untied model, or leave them full precision")  # fmt: skip
