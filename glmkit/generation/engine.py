@@ -185,18 +185,23 @@ def choose_tokens(plan: Any, ids: torch.Tensor, cur: int, logits: torch.Tensor, 
     return tokens, scores, stopped
 
 
+STATIC_PAST_CONTEXT = 4  # a static cache / beam search reserves at most this many times the context
+
+
 def reserved_length(model: Any, prompt_length: int, total: int, mode: str) -> int:
     """Token slots to allocate up front for a generation of `total` tokens (prompt + max_new_tokens): all of
     them within the model's context (max_position_embeddings), else the context only and the plain path
-    grows from there. A static cache cannot grow: asking it for more than the context is an error, raised
-    before anything is allocated."""
+    grows from there. A static cache cannot grow: it reserves `total` up to STATIC_PAST_CONTEXT times the
+    context (RoPE scaling runs past the trained length) and past that raises, before anything is allocated."""
     context = getattr(model.config, "max_position_embeddings", None)
     if context is None or total <= context:
         return total
     if mode != "plain":
-        raise ValueError(f"the prompt plus max_new_tokens is {total} tokens, more than the model's "
-                         f"max_position_embeddings ({context}) that a static cache (compile=True / "
-                         "cache_implementation='static') or beam search preallocates: "
+        if total <= STATIC_PAST_CONTEXT * context:
+            return total
+        raise ValueError(f"the prompt plus max_new_tokens is {total} tokens, more than {STATIC_PAST_CONTEXT}x the "
+                         f"model's max_position_embeddings ({context}) that a static cache (compile=True / "
+                         "cache_implementation='static') or beam search may preallocate: "
                          "lower max_new_tokens")  # fmt: skip
     return max(context, prompt_length + 1)
 
