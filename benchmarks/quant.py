@@ -4,6 +4,7 @@ int4, side by side in one run (each repeat runs every implementation once, alter
 for the method: decode tok/s = (N-1) / (t(N) - t(1)), best of the repeats, "paired" = median per-repeat ratio).
 
     python benchmarks/quant.py [--new 32] [--repeats 3] [--group-size 128] [--compile] [--threads N]
+    (--compile: the reference and the +head rows eager and through generate(compile=True); ~3 minutes)
 
 int8 / int4 rows run bf16 activations (the ATen kernels' fast path; with fp32 activations the int8 kernel is
 several times slower than a plain fp32 matmul); "+head" rows quantize lm_head too (at vocab 32k it is a
@@ -37,10 +38,15 @@ def implementations(args: argparse.Namespace) -> dict:
         f"glmkit int4 g{g}": quantize_(copy.deepcopy(bf16), "int4", group_size=g),
         f"glmkit int4 g{g}+head": quantize_(copy.deepcopy(bf16), "int4", group_size=g, include_lm_head=True),
     }
-    extra = {"compile": True} if args.compile else {}
-    impls = {"reference fp32": generate_impl(ref, 0), "glmkit fp32": generate_impl(ours, 0, **extra),
-             "glmkit bf16": generate_impl(bf16, 0, **extra)}  # fmt: skip
-    return {**impls, **{name: generate_impl(model, 0, **extra) for name, model in quantized.items()}}
+    impls = {"reference fp32": generate_impl(ref, 0)}
+    if args.compile:  # the +head configurations, eager and through generate(compile=True), in one ~3 min run
+        for name in ("glmkit int8+head", f"glmkit int4 g{g}+head"):
+            impls[name] = generate_impl(quantized[name], 0)
+            impls[name.replace("glmkit ", "") + " compiled"] = generate_impl(quantized[name], 0, compile=True)
+        return impls
+    impls.update({"glmkit fp32": generate_impl(ours, 0), "glmkit bf16": generate_impl(bf16, 0)})
+    impls.update({name: generate_impl(model, 0) for name, model in quantized.items()})
+    return impls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    parser.add_argument("--compile", action="store_true", help="glmkit rows through generate(compile=True)")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead: the reference, and int8+head / int4+head eager and compiled")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
