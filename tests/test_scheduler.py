@@ -247,3 +247,23 @@ def test_a_grammar_that_cannot_compile_or_be_spelled():
     got = run(model, tokenizer, requests, max_num_seqs=2)
     assert got.reason("0") == "error" and "stuck" in got.events["0"][-1].error
     assert got.reason("1") == "length" and len(got.tokens("1")) == 8
+
+
+def test_padded_vocabulary_rows_are_never_sampled():
+    """A model with more output rows than the tokenizer has tokens (GLM-4 pads 151343 tokens to 151552 rows):
+    the rows past the tokenizer are not text, so even a +100 logit_bias on one never picks it."""
+    from glmkit import GlmConfig, GlmForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained("default:glm")
+    torch.manual_seed(0)
+    config = GlmConfig(vocab_size=len(tokenizer) + 256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                       eos_token_id=2)  # fmt: skip
+    model = GlmForCausalLM(config).eval()
+    padded = len(tokenizer) + 7
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True, logit_bias={padded: 100.0})
+              for s in range(3)]  # fmt: skip
+    got = run(model, tokenizer, [(tokenizer("ROMEO:").input_ids, p) for p in params])
+    for i in range(3):
+        assert got.reason(str(i)) == "length" and len(got.tokens(str(i))) == 12
+        assert all(t < len(tokenizer) for t in got.tokens(str(i)))

@@ -120,6 +120,9 @@ class Scheduler:
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_model_len = max_model_len or limit or 2048
         self.vocab_size = model.get_output_embeddings().out_features
+        # ids past the tokenizer (a vocabulary padded for speed, as GLM-4's 151552 rows for 151343 tokens) are
+        # not text: they are never sampled
+        self.text_vocab = min(self.vocab_size, len(tokenizer))
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = eos if eos is not None else model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
@@ -341,11 +344,15 @@ class Scheduler:
 
     # ---- one token of one request -------------------------------------------------------------------
     def _take_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """`_take`; a failure that belongs to this request (its grammar) ends it alone, with an error."""
+        """`_take`; whatever fails in one request's sampling or text (its grammar, its detokenizer) ends that
+        request alone, with an error, and the batch goes on."""
         try:
             self._take(seq, logits)
         except GrammarError as err:
             self._finish(seq, "error", error=str(err))
+        except Exception as err:  # noqa: BLE001 - logged; the other rows must not fail with it
+            logger.exception("request %s failed while choosing its token", seq.request.request_id)
+            self._finish(seq, "error", error=f"{type(err).__name__}: {err}")
 
     def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token from raw logits (V,), update the text, emit the event, maybe finish."""
@@ -396,6 +403,9 @@ class Scheduler:
     def _processed(self, seq: _Sequence, logits: torch.Tensor) -> torch.Tensor:
         p = seq.request.params
         scores = logits
+        if self.text_vocab < logits.shape[-1]:
+            scores = torch.cat([logits[: self.text_vocab], logits.new_full((logits.shape[-1] - self.text_vocab,),
+                                                                            float("-inf"))])  # fmt: skip
         if p.logit_bias:
             index = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
             scores = scores.index_add(0, index, torch.tensor(list(p.logit_bias.values()), device=logits.device))
