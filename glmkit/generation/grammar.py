@@ -44,7 +44,7 @@ def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
     unit = units(False) if units is not None else None
     out = []
     for index in range(vocab_size):
-        piece = unit(index) if unit is not None else _piece_bytes(tokenizer, index)
+        piece = unit(index) if unit is not None else _piece_bytes(tokenizer, index, index in special)
         if isinstance(piece, str):  # an added token, decoded apart from the byte stream
             piece = _SPECIAL_MARK + piece.encode() if index in special else piece.encode()
         elif index in special and piece is not None:
@@ -53,12 +53,12 @@ def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
     return out
 
 
-def _piece_bytes(tokenizer: Any, index: int) -> bytes | str | None:
-    """A sentencepiece-style token's bytes; an added/special token's text as str."""
+def _piece_bytes(tokenizer: Any, index: int, special: bool) -> bytes | str | None:
+    """A sentencepiece-style token's bytes; a special token's text as str."""
     piece = tokenizer.convert_ids_to_tokens(index)
     if piece is None:
         return None
-    if index in set(getattr(tokenizer, "all_special_ids", [])):
+    if special:
         return piece
     byte = _BYTE_PIECE.fullmatch(piece)
     if byte:
@@ -148,10 +148,6 @@ class Constraint:
     def done(self) -> bool:
         """The grammar is complete and accepts nothing more (only EOS may follow)."""
         return self._matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        return self._matcher.is_accepting()
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens the grammar accepts next."""
