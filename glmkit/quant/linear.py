@@ -108,6 +108,16 @@ def from_kernel_layout(packed: torch.Tensor, in_features: int, group_size: int, 
 
 
 # ---- modules ------------------------------------------------------------------------------------------
+_KERNEL_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every fresh tensor
+
+
+def _align_kernel_buffers(module: nn.Module, _incompatible: object = None) -> None:
+    """Copy a packed weight that does not start on a 64-byte boundary (safetensors hands out integer tensors
+    as views at any offset). `_weight_int8pack_mm` with bf16 activations and more than one row crashes the
+    process (SIGSEGV, torch 2.13 on AMX CPUs) on a weight that is only 8-byte aligned."""
+    weight = module.weight
+    if weight.device.type == "cpu" and weight.data_ptr() % _KERNEL_ALIGNMENT:
+        module.weight = weight.clone()
 
 
 class Int8Linear(nn.Module):
@@ -121,6 +131,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+        self.register_load_state_dict_post_hook(_align_kernel_buffers)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -160,6 +171,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+        self.register_load_state_dict_post_hook(_align_kernel_buffers)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:

@@ -192,3 +192,22 @@ def test_quantized_model_through_the_scheduler(quantized_glm):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         alone = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
         assert got[str(i)] == alone.tolist()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_loaded_packed_weight_is_realigned_for_the_kernel(method):
+    """safetensors hands out integer tensors as views at any byte offset; torch 2.13's int8 kernel with bf16
+    rows crashes the process on such a weight (AMX CPUs), so loading copies it onto a 64-byte boundary."""
+    linear = nn.Linear(128, 64, bias=False).to(torch.bfloat16)
+    module = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear.float(), 32)
+    state = module.state_dict()
+    packed = state["weight"]
+    slab = torch.empty(packed.numel() + 128, dtype=packed.dtype)
+    start = (-slab.data_ptr()) % 64 + 24  # 8-byte aligned, not 64
+    state["weight"] = slab[start : start + packed.numel()].view(packed.shape).copy_(packed)
+    assert state["weight"].data_ptr() % 64 == 24
+    module.load_state_dict(state, assign=True)
+    assert module.weight.data_ptr() % 64 == 0
+    x = torch.randn(5, 128, dtype=torch.bfloat16 if method == "int8" else torch.float32)
+    expected = x.float() @ module.dequantized_weight().float().t()
+    assert max_rel_diff(module(x).float(), expected) < 2e-2
