@@ -213,6 +213,25 @@ def build_attention_mask(
     return mask
 
 
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index of each token (B, T) when position_ids restart at 0 inside a row (packed sequences),
+    else None. A document starts at column 0 and wherever a position is 0 (one host sync per call)."""
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    starts[:, 0] = True
+    return starts.cumsum(-1)
+
+
+def restrict_to_documents(mask: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """mask (B, 1, T, S) of a pass with no past (query t is key slot t) -> the same mask with attention
+    across documents (B | 1, T) removed; key slots past T (unwritten static-cache slots) see no document."""
+    S, T = mask.shape[-1], documents.shape[1]
+    key_documents = F.pad(documents, (0, S - T), value=-1)  # (B | 1, S)
+    mask = mask & (documents[:, None, :, None] == key_documents[:, None, None, :])  # (B, 1, T, S)
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
 
 

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_d
 from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, unknown_overrides
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
-from .layers import RMSNorm, build_attention_mask
+from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
 
@@ -403,6 +403,11 @@ class DecoderModel(PreTrainedModel):
     decoder: positions, layers, final norm) and, where it has more inputs than ids and a mask, `core_extras`.
     This class turns the reference's forward arguments into those: it validates ids, embeds them, sets up
     the cache, the positions the reference defaults to and the mask, and builds the outputs.
+
+    Packed sequences: when `position_ids` are given, `attention_mask` is None and nothing is cached yet (no
+    cache, or a fresh one), a position 0 inside a row starts a new document and no token attends across
+    documents (e.g. position_ids [[0, 1, 2, 0, 1]] is two documents of 3 and 2 tokens). Anything else keeps
+    the ordinary causal (and padding) mask. A cache kept from a packed pass holds every document's keys.
     """
 
     cache_class: ClassVar[type[KVCache]] = KVCache
@@ -448,11 +453,14 @@ class DecoderModel(PreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + T, device=x.device)
+        documents = None
         if position_ids is None:  # the reference continues from the cache; it does not look at the mask
             position_ids = cache_position[None]
             warn_past_context(self, past + T, "the input")
         else:
             position_ids = self._check_position_ids(position_ids, B, T)
+            # packed sequences (see the class docstring): a position 0 inside a row starts a document
+            documents = packed_documents(position_ids) if attention_mask is None and past == 0 else None
         if attention_mask is not None:
             # a padding-only row in a batch is allowed (its outputs are meaningless, the others' are right); a
             # mask with no token at all is a mistake. Incremental decoding may start on an all-padding chunk.
@@ -465,6 +473,8 @@ class DecoderModel(PreTrainedModel):
             mask = cache.attention_mask(T)
         else:
             mask = build_attention_mask(attention_mask, cache_position, past + T, B)
+        if documents is not None:
+            mask = restrict_to_documents(mask, documents)
         x = self.core(x, position_ids, mask, cache, trace, **core_extra)
         fields = dict(
             last_hidden_state=x,
