@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attn_backends import FLASH, check_attn_implementation, flash_mask
 from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
 from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, unknown_overrides
@@ -122,7 +123,7 @@ class PreTrainedModel(nn.Module):
         """A randomly initialised model (dtype / attn_implementation accepted as in from_pretrained)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if kwargs.get("attn_implementation"):
-            config._attn_implementation = kwargs.pop("attn_implementation")
+            config._attn_implementation = check_attn_implementation(kwargs.pop("attn_implementation"))
         kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_config() got unexpected keyword arguments {', '.join(sorted(kwargs))}"
@@ -163,11 +164,7 @@ class PreTrainedModel(nn.Module):
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
-            if attn_implementation not in ("sdpa", "eager"):
-                raise ValueError(
-                    f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
-                )
-            config._attn_implementation = attn_implementation
+            config._attn_implementation = check_attn_implementation(attn_implementation)
         reader = cls.adapt_checkpoint(WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         device = resolve_device(device_map)
@@ -475,6 +472,9 @@ class DecoderModel(PreTrainedModel):
             mask = build_attention_mask(attention_mask, cache_position, past + T, B)
         if documents is not None:
             mask = restrict_to_documents(mask, documents)
+        if cfg._attn_implementation == FLASH:  # made once here for every layer
+            real = cache.real_tokens(T) if cache is not None else (attention_mask, attention_mask)
+            mask = flash_mask(mask, *real, documents)
         x = self.core(x, position_ids, mask, cache, trace, **core_extra)
         fields = dict(
             last_hidden_state=x,
