@@ -21,6 +21,7 @@ from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, 
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
+from .models.adept import open_release
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
 
@@ -154,7 +155,12 @@ class PreTrainedModel(nn.Module):
         directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
         for ignored in IGNORED_LOADING_KWARGS:
             kwargs.pop(ignored, None)
-        if config is None:
+        release = open_release(directory)  # Adept's original Persimmon release: read without running its code
+        if release is not None and cls.config_class.model_type != release.config["model_type"]:
+            raise CheckpointError(f"{directory} is Adept's Persimmon release: load it with a Persimmon class")
+        if release is not None and config is None:
+            config = cls.config_class.from_dict(release.config, **kwargs)
+        elif config is None:
             unknown = unknown_overrides(cls.config_class, read_config_dict(directory), kwargs)
             if unknown:
                 raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments "
@@ -165,7 +171,7 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
             config._attn_implementation = check_attn_implementation(attn_implementation)
-        reader = cls.adapt_checkpoint(WeightReader(directory), config)
+        reader = cls.adapt_checkpoint(release.reader if release is not None else WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         device = resolve_device(device_map)
         with torch.device("meta"):
