@@ -80,8 +80,6 @@ def convert(args: argparse.Namespace) -> int:
     before = _file_stamps(out)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=args.dtype or ("bfloat16" if release else "auto"))
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
-    if release is not None:
-        _write_adept_tokenizer(release, out)
     copied = []
     for file in sorted(src.iterdir()):
         if file.is_file() and is_tokenizer_file(file.name):
@@ -94,6 +92,8 @@ def convert(args: argparse.Namespace) -> int:
             copied.append(file.name)
     print(f"wrote {type(model).__name__} ({model.config.model_type}, {model.dtype}) to {out}")
     print(f"tokenizer files: {', '.join(copied) if copied else 'none found'}")
+    if release is not None:
+        _write_adept_tokenizer(release, out)
     if "tokenizer.model" in copied and not (src / "tokenizer.json").is_file():
         from .tokenization import AutoTokenizer, ChatGLM4Tokenizer
 

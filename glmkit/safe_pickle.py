@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .checkpoint import CheckpointError
+
 # numpy names an RNG state pickles with (classes and reconstructors with lower-case names): inert here too
 INERT_LOWERCASE = frozenset(
     f"{prefix}.{name}"
@@ -67,7 +69,10 @@ def _placeholder(name: str) -> type[InertObject]:
 def load_inert(path: str | os.PathLike) -> Any:
     """torch.load(path) with weights_only=True and memory mapping, unknown classes replaced by InertObject
     subclasses; raises UnsafePickleError naming the first global that would be called as a function."""
-    unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    try:
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError) as err:  # not a zip checkpoint (the pre-1.6 format, or not torch's at all)
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint (zip format): {err}") from err
     for name in unknown:
         last = name.rpartition(".")[2]
         if name not in INERT_LOWERCASE and not last[:1].isupper():

@@ -23,6 +23,7 @@ from conftest import assert_close, scale_weights
 from safetensors import safe_open
 
 from glmkit import AutoModelForCausalLM
+from glmkit.checkpoint import CheckpointError
 from glmkit.cli import main
 from glmkit.models.persimmon import PersimmonForCausalLM
 from glmkit.safe_pickle import UnsafePickleError, load_inert
@@ -184,3 +185,11 @@ def test_a_pickle_that_calls_a_function_is_refused(tmp_path, how):
 
 def test_not_a_release_is_a_clear_error(tmp_path):
     assert main(["convert", "--from", "adept", str(tmp_path), str(tmp_path / "out")]) == 1
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a torch checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        PersimmonForCausalLM.from_pretrained(tmp_path)

@@ -68,14 +68,13 @@ def test_implementation_matches_reference(family, impl, save_dir):
     assert ours.config._attn_implementation == impl
     check_padded_and_packed(ref, ours, f"{family} {impl}")
     check_generation(ref, ours, f"{family} {impl} plain")
-    check_generation(ref, ours, f"{family} {impl} static", cache_implementation="static")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flex_in_the_compiled_step(family, save_dir):
-    """flex_attention captured in the compiled decode step (the eager backend: capture, no C++ build)."""
-    ref, ours = load(family, save_dir, "flex_attention")
-    check_generation(ref, ours, f"{family} flex compiled", compile={"backend": "eager"})
+def test_flex_in_the_compiled_step(save_dir):
+    """flex_attention captured in the compiled decode step over the static cache (the eager backend: capture,
+    no C++ build); one family, grouped-query heads: the attention code is the same for all three."""
+    ref, ours = load("glm", save_dir, "flex_attention")
+    check_generation(ref, ours, "glm flex compiled", compile={"backend": "eager"})
 
 
 def test_flex_training_with_dropout_runs(save_dir):
