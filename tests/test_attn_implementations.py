@@ -179,3 +179,20 @@ def test_flash_on_gpu_matches_sdpa(family, save_dir):
     # padded decoding runs the varlen kernel every step (bf16 ties may pick other tokens: shapes only)
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert flash.generate(ids, **kwargs).shape == (3, 13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flex_on_gpu_matches_sdpa(family, save_dir):
+    """flex_attention compiled on CUDA (the fused kernel) against glmkit's sdpa path, padded and packed, fp32."""
+    cls = type(reference_and_ours(family, save_dir)[1])
+    flex = cls.from_pretrained(save_dir, device_map="cuda", attn_implementation="flex_attention")
+    sdpa = cls.from_pretrained(save_dir, device_map="cuda")
+    ids, mask, positions = (t.cuda() for t in left_padded())
+    packed, packed_positions = (t.cuda() for t in packed_batch()[:2])
+    with torch.no_grad():
+        real = mask.bool()
+        got = flex(ids, attention_mask=mask, position_ids=positions).logits
+        assert_close(got[real], sdpa(ids, attention_mask=mask, position_ids=positions).logits[real], 1e-3, family)
+        got = flex(packed, position_ids=packed_positions, use_cache=False).logits
+        assert_close(got, sdpa(packed, position_ids=packed_positions, use_cache=False).logits, 1e-3, family)
