@@ -22,7 +22,7 @@ import transformers
 from conftest import assert_close, scale_weights
 from safetensors import safe_open
 
-from glmkit import AutoModelForCausalLM
+from glmkit import AutoConfig, AutoModelForCausalLM
 from glmkit.checkpoint import CheckpointError
 from glmkit.cli import main
 from glmkit.models.persimmon import PersimmonForCausalLM
@@ -154,6 +154,8 @@ def test_from_pretrained_reads_the_release(release):
     ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
     for cls in (PersimmonForCausalLM, AutoModelForCausalLM):
         assert_close(logits(cls.from_pretrained(root, dtype=torch.float32), ids), logits(ref, ids), 1e-5, cls.__name__)
+    config = AutoConfig.from_pretrained(root)
+    assert (config.model_type, config.hidden_size, config.num_attention_heads) == ("persimmon", 64, 4)
 
 
 def _mark(path: str) -> None:  # what a malicious pickle would run
