@@ -125,7 +125,8 @@ def flash_mask(dense: torch.Tensor | None, real_queries: torch.Tensor | None, re
     count_q, count_k = count_q[used], count_k[used]
     cu_q = F.pad(count_q.cumsum(0), (1, 0)).to(torch.int32)
     cu_k = F.pad(count_k.cumsum(0), (1, 0)).to(torch.int32)
-    return FlashMask(dense, q_index, k_index, cu_q, cu_k, int(count_q.max()), int(count_k.max()))
+    longest_q, longest_k = (int(c.max()) if c.numel() else 0 for c in (count_q, count_k))
+    return FlashMask(dense, q_index, k_index, cu_q, cu_k, longest_q, longest_k)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: FlashMask | None, scale: float,
@@ -146,6 +147,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Fla
     if mask is None or mask.q_index is None:
         out = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, causal=mask is not None)
         return out.reshape(B, T, H * D)
+    if mask.max_q == 0:  # a chunk of padding only (a long left-padded prompt): nothing to attend from
+        return q.new_zeros(B, T, H * D)
     packed = flash_attn_varlen_func(
         q.reshape(B * T, H, D)[mask.q_index], k.reshape(B * S, Hkv, D)[mask.k_index],
         v.reshape(B * S, Hkv, D)[mask.k_index], mask.cu_q, mask.cu_k, mask.max_q, mask.max_k, dropout_p,

@@ -137,6 +137,15 @@ def test_flash_bookkeeping_matches_reference(family, save_dir, fake_flash):
             out = ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
                        past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
         assert_close(out.logits[:, -1], want[:, -1], 1e-4, f"{family} flash cached steps")
+    with torch.no_grad():  # a first chunk of padding only in every row, then the rest
+        pads = mask.clone()
+        pads[:, :3] = 0
+        at = (pads.cumsum(-1) - 1).masked_fill(pads == 0, 1)
+        want = ref(ids, attention_mask=pads, position_ids=at.clone()).logits
+        out = ours(ids[:, :3], attention_mask=pads[:, :3], position_ids=at[:, :3], use_cache=True)
+        out = ours(ids[:, 3:], attention_mask=pads, position_ids=at[:, 3:], past_key_values=out.past_key_values,
+                   use_cache=True)  # fmt: skip
+        assert_close(out.logits[:, -1], want[:, -1], 1e-4, f"{family} flash after a padding-only chunk")
     with pytest.raises(AttentionBackendError, match="compiled"):
         ours.generate(ids, attention_mask=mask, max_new_tokens=2, compile={"backend": "eager"})
 
