@@ -46,9 +46,9 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="auto (keep the checkpoint's; the default, but bfloat16 for an Adept release), float32, "
                              "bfloat16, float16")  # fmt: skip
-    parser.add_argument("--from", dest="source_format", choices=("hf", "adept"), default=None,
-                        help="the source layout (default: detected): hf (incl. the original GLM-4 release) or adept "
-                             "(Adept's Persimmon release: model_optim_rng.pt + adept_vocab.model)")  # fmt: skip
+    parser.add_argument("--from", dest="source_format", choices=("adept",), default=None,
+                        help="the source layout, detected when not given; adept: Adept's original Persimmon release "
+                             "(model_optim_rng.pt + adept_vocab.model), an error if SRC is not one")  # fmt: skip
     parser.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (e.g. 2GB)")
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty OUT (its checkpoint and tokenizer files are replaced; "
@@ -112,7 +112,7 @@ def _adept_release(src: Path, source_format: str | None) -> Any:
     """Adept's Persimmon release in `src` (--from adept insists on one), else None."""
     from .models.adept import open_release
 
-    release = open_release(src) if source_format != "hf" else None
+    release = open_release(src)
     if source_format == "adept" and release is None:
         raise ValueError(f"--from adept: {src} holds no model_optim_rng.pt (or has a config.json: not a raw release)")
     return release
