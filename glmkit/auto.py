@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import ConfigError, PretrainedConfig, read_config_dict
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
+from .models.adept import open_release
 
 # model_type -> (module, config class, {task: class name})
 REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -49,7 +50,9 @@ def _family(model_type: Any) -> tuple[Any, dict[str, str]]:
 
 
 def _config_for(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> tuple[str, dict[str, Any]]:
-    data = read_config_dict(resolve_checkpoint_dir(name_or_path, **hub_kwargs))
+    directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
+    release = open_release(directory)  # Adept's original Persimmon release has no config.json
+    data = release.config if release is not None else read_config_dict(directory)
     if "model_type" not in data:
         raise ConfigError(f"config.json in {name_or_path} has no model_type; cannot pick a model family")
     return data["model_type"], data

@@ -43,7 +43,12 @@ def hub_options(args: argparse.Namespace) -> dict[str, Any]:
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser, "src")
     parser.add_argument("out", help="directory to write the Hugging Face layout to")
-    parser.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default=None,
+                        help="auto (keep the checkpoint's; the default, but bfloat16 for an Adept release), float32, "
+                             "bfloat16, float16")  # fmt: skip
+    parser.add_argument("--from", dest="source_format", choices=("adept",), default=None,
+                        help="the source layout, detected when not given; adept: Adept's original Persimmon release "
+                             "(model_optim_rng.pt + adept_vocab.model), an error if SRC is not one")  # fmt: skip
     parser.add_argument("--max-shard-size", default="5GB", help="shard the weights past this size (e.g. 2GB)")
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty OUT (its checkpoint and tokenizer files are replaced; "
@@ -71,8 +76,9 @@ def convert(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError("convert writes a new directory; OUT must differ from SRC")
     check_writable_output(out, args.force)
+    release = _adept_release(src, args.source_format)
     before = _file_stamps(out)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=args.dtype or ("bfloat16" if release else "auto"))
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
     copied = []
     for file in sorted(src.iterdir()):
@@ -86,6 +92,8 @@ def convert(args: argparse.Namespace) -> int:
             copied.append(file.name)
     print(f"wrote {type(model).__name__} ({model.config.model_type}, {model.dtype}) to {out}")
     print(f"tokenizer files: {', '.join(copied) if copied else 'none found'}")
+    if release is not None:
+        _write_adept_tokenizer(release, out)
     if "tokenizer.model" in copied and not (src / "tokenizer.json").is_file():
         from .tokenization import AutoTokenizer, ChatGLM4Tokenizer
 
@@ -98,6 +106,28 @@ def convert(args: argparse.Namespace) -> int:
     if removed:
         print(f"removed the old checkpoint's {', '.join(removed)}")
     return 0
+
+
+def _adept_release(src: Path, source_format: str | None) -> Any:
+    """Adept's Persimmon release in `src` (--from adept insists on one), else None."""
+    from .models.adept import open_release
+
+    release = open_release(src)
+    if source_format == "adept" and release is None:
+        raise ValueError(f"--from adept: {src} holds no model_optim_rng.pt (or has a config.json: not a raw release)")
+    return release
+
+
+def _write_adept_tokenizer(release: Any, out: Path) -> None:
+    """adept_vocab.model as the reference's conversion saves it: a Llama sentencepiece tokenizer, bos |ENDOFTEXT|."""
+    from .models.adept import BOS_TOKEN
+    from .tokenization import LlamaTokenizer
+
+    if release.vocab_file is None:
+        print("tokenizer files: none (no adept_vocab.model in the release)")
+        return
+    LlamaTokenizer(release.vocab_file, bos_token=BOS_TOKEN, eos_token=None).save_pretrained(out)
+    print(f"wrote the tokenizer (from {release.vocab_file.name}; bos {BOS_TOKEN})")
 
 
 # ---- info ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Pre-LayerNorm decoder with biases everywhere: a fused `query_key_value` projecti
 (H, 3, D), per-head q/k LayerNorm, partial *half-split* RoPE (channel i pairs with i + rotary_dim/2 over
 the first head_dim * partial_rotary_factor channels, theta 25000) and a relu² MLP.
 
+Adept's original release (model_optim_rng.pt + adept_vocab.model) is read by models/adept.py.
+
 Use bfloat16 (or float32) for this family: the relu² activations overflow float16's range in the
 released checkpoints, which turns logits into inf/NaN. `dtype="auto"` follows the checkpoint's dtype.
 """
