@@ -510,6 +510,24 @@ def quantize(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---- merge (LoRA) -------------------------------------------------------------------------------------
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, "base")
+    parser.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("out", help="directory to write the merged checkpoint to")
+    parser.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16, float16")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+
+
+@subcommand("merge", "fold a LoRA adapter into its base model and write a plain checkpoint", _merge_arguments)
+def merge(args: argparse.Namespace) -> int:
+    from .lora import merge_checkpoint
+
+    merge_checkpoint(args.base, args.adapter, args.out, args.force, args.dtype, **hub_options(args))
+    print(f"wrote {args.out}: {args.base} with {args.adapter} merged in")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
