@@ -349,7 +349,9 @@ def train(args: argparse.Namespace) -> int:
     if losses:
         summary += f", train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     if result.eval_loss is not None:
-        summary += f", eval loss {result.eval_loss:.3f} (unigram baseline {result.unigram_eval_loss:.3f})"
+        summary += f", eval loss {result.eval_loss:.3f}"
+    if result.unigram_eval_loss is not None:
+        summary += f" (unigram baseline {result.unigram_eval_loss:.3f})"
     print(summary)
     return 0
 
