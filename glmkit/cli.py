@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -352,7 +353,8 @@ def train(args: argparse.Namespace) -> int:
         summary += f", eval loss {result.eval_loss:.3f}"
     if result.unigram_eval_loss is not None:
         summary += f" (unigram baseline {result.unigram_eval_loss:.3f})"
-    print(summary)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(summary)
     return 0
 
 

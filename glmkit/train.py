@@ -12,6 +12,7 @@ documents and trained with AdamW, warmup + cosine decay and gradient accumulatio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import lora as lora_mod
+from . import train_dist
 from .auto import AutoModelForCausalLM
 from .chat import GLM4_CHAT_TEMPLATE, PERSIMMON_CHAT_TEMPLATE
 from .checkpoint import check_writable_output, remove_stale_checkpoint_files
@@ -104,6 +107,7 @@ class TrainOptions:
     dropout: float = 0.0  # LoRA dropout on the adapter's input
     target_modules: str = "all"  # comma-separated linear names (q_proj,v_proj), or all (every linear but the head)
     quantization: str | None = None  # with lora: int8 | int4 base (QLoRA), quantized as it is loaded
+    parallel: str = "ddp"  # under torchrun (WORLD_SIZE > 1): ddp | fsdp; batch_size is the global batch
 
 
 @dataclass
@@ -384,7 +388,9 @@ def evaluate(model: PreTrainedModel, data: Data, batch_size: int, device: torch.
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress on stderr, from the first process only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def save_checkpoint(out: Path, model: PreTrainedModel, tokenizer: Tokenizer, state: dict[str, Any]) -> None:
@@ -405,8 +411,11 @@ def save_checkpoint(out: Path, model: PreTrainedModel, tokenizer: Tokenizer, sta
     remove_stale_checkpoint_files(out, written)  # an older save's other shards / another tokenizer's files
 
 
-def _setup(opts: TrainOptions, out: Path, records: list[Record]) -> tuple[PreTrainedModel, Tokenizer, dict | None]:
-    """Model, tokenizer and (when resuming) the saved trainer state."""
+def _setup(
+    opts: TrainOptions, out: Path, records: list[Record], rank: int = 0
+) -> tuple[PreTrainedModel, Tokenizer, dict | None]:
+    """Model, tokenizer and (when resuming) the saved trainer state. From scratch under torchrun, every process
+    trains the same tokenizer (deterministic) in a work directory of its own."""
     if opts.resume:
         if not (out / STATE_FILE).is_file():
             raise FileNotFoundError(f"nothing to resume: {out / STATE_FILE} does not exist")
@@ -425,8 +434,9 @@ def _setup(opts: TrainOptions, out: Path, records: list[Record]) -> tuple[PreTra
     check_preset(opts.family, opts.preset)  # before the (slow) tokenizer training
     max_positions = max(2048, opts.block_size)
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(opts.family, list(_plain_texts(records)), opts.vocab_size, max_positions, out / ".tok")
-    shutil.rmtree(out / ".tok")
+    work = out / f".tok{rank or ''}"
+    tokenizer = train_tokenizer(opts.family, list(_plain_texts(records)), opts.vocab_size, max_positions, work)
+    shutil.rmtree(work)
     _log(f"trained a {len(tokenizer)}-token {type(tokenizer).__name__} in {time.perf_counter() - t0:.1f}s")
     config = build_config(opts.family, opts.preset, tokenizer, max_positions)
     torch.manual_seed(opts.seed)
@@ -440,42 +450,48 @@ def train(opts: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
     """
     opts = opts or TrainOptions(**kwargs)
     _check(opts)
+    ctx, device = train_dist.setup(opts.parallel, opts.device)
+    if opts.batch_size % ctx.world:
+        raise ValueError(f"batch_size {opts.batch_size} (the global batch) must be a multiple of the process count "
+                         f"{ctx.world}")  # fmt: skip
     out = Path(opts.out)
     if not opts.resume and not opts.force and ((out / STATE_FILE).is_file() or (out / "config.json").is_file()):
         raise FileExistsError(f"{out} already holds a checkpoint: pass resume=True (--resume) to continue it, "
                               "force=True (--force) to replace it, or choose another directory")  # fmt: skip
     if not opts.resume:
         check_writable_output(out, opts.force, "force=True (--force)")
+    ctx.barrier()  # every process has checked `out` before the first one writes there
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     records = read_records(opts.data, opts.separator)
-    model, tokenizer, state = _setup(opts, out, records)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, state = _setup(opts, out, records, ctx.rank)
     model.to(device).train()
     model.base_model.gradient_checkpointing = opts.gradient_checkpointing
     train_data, eval_data, unigram = make_datasets(records, tokenizer, opts)
-    run = _Run(opts, model, device, state)
-    trainable, total = lora_mod.trainable_parameters(model)
+    name, (trainable, total) = type(model).__name__, lora_mod.trainable_parameters(model)  # before FSDP2 shards it
+    run = _Run(opts, model, device, state, ctx)
     kind = "blocks" if isinstance(train_data, BlockData) else "examples"
     _log(
-        f"{type(model).__name__}: {total:,} parameters ({trainable:,} trained) on {device}; {len(train_data)} train /"
+        f"{name}: {total:,} parameters ({trainable:,} trained) on {device}; {len(train_data)} train /"
         f" {len(eval_data)} eval {kind} of up to {opts.block_size} tokens; starting at step {run.step}/{opts.max_steps}"
         + (f"; unigram eval loss {unigram:.4f}" if unigram is not None else "")
     )
     sampler = _Sampler(len(train_data), opts.batch_size, opts.seed)
     eval_loss = None
     while run.step < opts.max_steps:
-        micro = [sampler.batch(run.step * opts.grad_accum + m) for m in range(opts.grad_accum)]
-        run.train_step([{k: v.to(device) for k, v in train_data.batch(idx).items()} for idx in micro])
+        micro = [train_data.batch(sampler.batch(run.step * opts.grad_accum + m)) for m in range(opts.grad_accum)]
+        n_items = sum(count_targets(b) for b in micro)  # predicted tokens across the whole global group
+        run.train_step([{k: v.to(device) for k, v in ctx.shard(b).items()} for b in micro], n_items)
         if len(eval_data) and (run.step % opts.eval_every == 0 or run.step == opts.max_steps):
             eval_loss = evaluate(model, eval_data, opts.batch_size, device)
             run.log({"step": run.step, "eval_loss": eval_loss})
             _log(f"step {run.step} | eval loss {eval_loss:.4f}")
         if opts.save_every and run.step % opts.save_every == 0 and run.step < opts.max_steps:
-            save_checkpoint(out, model, tokenizer, run.state())
+            run.save(out, tokenizer)
     if eval_loss is None and len(eval_data):
         eval_loss = evaluate(model, eval_data, opts.batch_size, device)
-    save_checkpoint(out, model, tokenizer, run.state())
+    run.save(out, tokenizer)
+    train_dist.shutdown(ctx)
     seconds = time.perf_counter() - run.t_start
     _log(f"saved {out} at step {run.step} ({seconds:.0f}s)")
     train_loss = next((h["loss"] for h in reversed(run.history) if "loss" in h), None)
@@ -485,13 +501,16 @@ def train(opts: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
 class _Run:
     """Optimizer, schedule, step counter and progress window of one training run (restored on resume)."""
 
-    def __init__(self, opts: TrainOptions, model: PreTrainedModel, device: torch.device, state: dict | None):
+    def __init__(self, opts: TrainOptions, model: PreTrainedModel, device: torch.device, state: dict | None,
+                 ctx: train_dist.Dist | None = None):  # fmt: skip
         self.opts, self.model, self.device = opts, model, device
+        self.ctx = ctx or train_dist.Dist()
+        self.trained = train_dist.wrap(model, self.ctx, device)  # what the step runs (DDP / FSDP2 / the model)
         self.optimizer = _optimizer(model, opts)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, opts))
         self.step, self.history = 0, []
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            train_dist.load_optimizer_state(model, self.optimizer, state["optimizer"], self.ctx)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             torch.set_rng_state(state["rng"])
@@ -501,23 +520,35 @@ class _Run:
         self.start_step = self.step
         self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
         self.metrics = Path(opts.out) / METRICS_FILE
-        if state is None:
+        if state is None and self.ctx.is_main:
             self.metrics.unlink(missing_ok=True)
 
     def log(self, point: dict[str, float]) -> None:
-        """Keep a logged point in the history and append it to metrics.jsonl."""
+        """Keep a logged point in the history and append it to metrics.jsonl (the first process writes)."""
         self.history.append({k: point[k] for k in ("step", "loss", "eval_loss") if k in point})
-        with self.metrics.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(point) + "\n")
+        if self.ctx.is_main:
+            with self.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(point) + "\n")
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
-        """One optimizer step over the accumulated micro-batches (input_ids, labels, maybe attention_mask)."""
-        n_items = sum(count_targets(b) for b in batches)  # predicted tokens across the whole group
-        for batch in batches:
-            with _autocast(self.device):
-                loss = self.model(**batch, num_items_in_batch=n_items, use_cache=False).loss
-            loss.backward()  # divided by the group's token count already: the gradients add up to the mean
-            self.window_loss += float(loss.detach())
+    def save(self, out: Path, tokenizer: Tokenizer) -> None:
+        """The checkpoint, written by the first process (FSDP2 gathers the full weights onto it first)."""
+        full, state = train_dist.full_state_dict(self.model, self.ctx), self.state()  # collectives under FSDP2
+        if self.ctx.is_main:
+            save_checkpoint(out, self.model if full is None else _unsharded_copy(self.model, full), tokenizer, state)
+        self.ctx.barrier()
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]], n_items: int) -> None:
+        """One optimizer step over this process's accumulated micro-batches (input_ids, labels, maybe
+        attention_mask); `n_items` counts the predicted tokens of the whole global group."""
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = self.trained.no_sync() if isinstance(self.trained, DDP) and not last else contextlib.nullcontext()
+            with sync, _autocast(self.device):
+                loss = self.trained(**batch, num_items_in_batch=n_items, use_cache=False).loss * self.ctx.world
+            # divided by the global group's token count: summed over micro-batches and (the all-reduce averages
+            # over the world, hence * world) over processes, the gradients are the global mean's
+            loss.backward()
+            self.window_loss += float(loss.detach()) / self.ctx.world
         if self.opts.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
         self.optimizer.step()
@@ -531,8 +562,8 @@ class _Run:
 
     def _report(self) -> None:
         now = time.perf_counter()
-        loss, lr = self.window_loss / self.window_steps, self.scheduler.get_last_lr()[0]
-        tokens_per_s = self.window_tokens / max(now - self.t_window, 1e-9)
+        loss, lr = self.ctx.mean(self.window_loss) * self.ctx.world / self.window_steps, self.scheduler.get_last_lr()[0]
+        tokens_per_s = self.window_tokens * self.ctx.world / max(now - self.t_window, 1e-9)
         elapsed = now - self.t_start
         eta = elapsed / (self.step - self.start_step) * (self.opts.max_steps - self.step)
         self.log({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
@@ -546,7 +577,7 @@ class _Run:
         """What trainer_state.pt holds: plain tensors and Python values (torch.load(weights_only=True) reads it)."""
         s = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": train_dist.optimizer_state(self.model, self.optimizer, self.ctx),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "options": {k: _plain(v) for k, v in asdict(self.opts).items()},
@@ -554,6 +585,18 @@ class _Run:
         if self.device.type == "cuda":
             s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return s
+
+
+def _unsharded_copy(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A plain (unsharded) model holding `state`, for saving what FSDP2 trained; LoRA modules are rebuilt
+    the same way so the adapter saves as usual."""
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    config = getattr(model, "lora_config", None)
+    if config is not None:
+        lora_mod.apply(copy, config=config)
+    copy.load_state_dict(state, assign=True)
+    return copy
 
 
 def _plain(value: Any) -> Any:
