@@ -158,6 +158,17 @@ class KVCache:
         # a query with nothing to attend (padding) attends everything: no NaN out of softmax
         return mask | ~mask.any(dim=-1, keepdim=True)
 
+    def real_tokens(self, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Which query slots (B, T) of the current pass and which key slots (B, K) hold real tokens, or
+        (None, None) when all do: flash-attention packs the real ones instead of reading a mask."""
+        if self.all_valid and self.uniform:
+            return None, None
+        K = self.valid.shape[1] if self.static else self.seen
+        slots = self._slots
+        if slots is None:
+            slots = (self.seen - T + torch.arange(T, device=self.valid.device)).expand(self.valid.shape[0], T)
+        return self.valid.gather(1, slots), self.valid[:, :K]
+
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) of one layer where `begin` said; return that layer's keys/values."""
         if self.valid is None:

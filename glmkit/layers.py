@@ -14,6 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attn_backends import (
+    ATTN_IMPLEMENTATIONS,
+    FLASH,
+    FlashMask,
+    check_attn_implementation,
+    flash_attention,
+    flex_attention,
+)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the weight, as the reference does (it matters in bf16)."""
@@ -213,6 +222,25 @@ def build_attention_mask(
     return mask
 
 
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index of each token (B, T) when position_ids restart at 0 inside a row (packed sequences),
+    else None. A document starts at column 0 and wherever a position is 0 (one host sync per call)."""
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    starts[:, 0] = True
+    return starts.cumsum(-1)
+
+
+def restrict_to_documents(mask: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """mask (B, 1, T, S) of a pass with no past (query t is key slot t) -> the same mask with attention
+    across documents (B | 1, T) removed; key slots past T (unwritten static-cache slots) see no document."""
+    S, T = mask.shape[-1], documents.shape[1]
+    key_documents = F.pad(documents, (0, S - T), value=-1)  # (B | 1, S)
+    mask = mask & (documents[:, None, :, None] == key_documents[:, None, None, :])  # (B, 1, T, S)
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
 
 
@@ -230,19 +258,32 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention with grouped K/V heads, without repeating K/V in memory.
 
-    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool (B, 1, T, S) or None.
-    The G = H/Hkv query heads sharing a K/V head are folded into the query length, so every K/V head
-    is read once. Returns the output (B, T, H*D) and, when asked (eager only), weights (B, H, T, S).
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool (B, 1, T, S) or None, or
+    for flash_attention_2 the pass's FlashMask. The G = H/Hkv query heads sharing a K/V head are folded
+    into the query length, so every K/V head is read once. Returns the output (B, T, H*D) and, when asked
+    (eager only: any other impl computes that call eagerly), weights (B, H, T, S). impl "flex_attention"
+    and "flash_attention_2" run in attn_backends (flex without dropout; flash where it has a FlashMask or
+    no mask, sdpa under a dense mask, i.e. XGLM's cross-attention to padded encoder states).
     """
+    if impl not in ATTN_IMPLEMENTATIONS:
+        check_attn_implementation(impl)
+    if (return_weights or head_mask is not None) and impl != "eager":
+        if return_weights:
+            warnings.warn(f"{impl} cannot return attention weights; computing this call eagerly", stacklevel=3)
+        impl = "eager"
+    if isinstance(mask, FlashMask):
+        if impl == FLASH:
+            return flash_attention(q, k, v, mask, scale, dropout_p), None
+        mask = mask.dense
+    if impl == FLASH and mask is None:
+        return flash_attention(q, k, v, None, scale, dropout_p), None
+    if impl == "flex_attention" and dropout_p == 0.0:
+        return flex_attention(q, k, v, mask, scale), None
+    if impl != "eager":  # flex with dropout (it has none), flash under a dense mask (cross-attention): sdpa
+        impl = "sdpa"
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {impl!r}")
-    if (return_weights or head_mask is not None) and impl == "sdpa":
-        if return_weights:
-            warnings.warn("sdpa cannot return attention weights; computing this call eagerly", stacklevel=3)
-        impl = "eager"
     q = q.reshape(B, Hkv, G * T, D)  # heads h = j*G + g share K/V head j
     if mask is not None and G > 1:
         mask = mask[:, :, None].expand(B, mask.shape[1], G, T, S).reshape(B, mask.shape[1], G * T, S)

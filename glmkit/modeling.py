@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attn_backends import FLASH, check_attn_implementation, flash_mask
 from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
 from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, unknown_overrides
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
-from .layers import RMSNorm, build_attention_mask
+from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
 
@@ -122,7 +123,7 @@ class PreTrainedModel(nn.Module):
         """A randomly initialised model (dtype / attn_implementation accepted as in from_pretrained)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if kwargs.get("attn_implementation"):
-            config._attn_implementation = kwargs.pop("attn_implementation")
+            config._attn_implementation = check_attn_implementation(kwargs.pop("attn_implementation"))
         kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_config() got unexpected keyword arguments {', '.join(sorted(kwargs))}"
@@ -165,11 +166,7 @@ class PreTrainedModel(nn.Module):
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
-            if attn_implementation not in ("sdpa", "eager"):
-                raise ValueError(
-                    f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
-                )
-            config._attn_implementation = attn_implementation
+            config._attn_implementation = check_attn_implementation(attn_implementation)
         reader = cls.adapt_checkpoint(WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         device = resolve_device(device_map)
@@ -414,6 +411,11 @@ class DecoderModel(PreTrainedModel):
     decoder: positions, layers, final norm) and, where it has more inputs than ids and a mask, `core_extras`.
     This class turns the reference's forward arguments into those: it validates ids, embeds them, sets up
     the cache, the positions the reference defaults to and the mask, and builds the outputs.
+
+    Packed sequences: when `position_ids` are given, `attention_mask` is None and nothing is cached yet (no
+    cache, or a fresh one), a position 0 inside a row starts a new document and no token attends across
+    documents (e.g. position_ids [[0, 1, 2, 0, 1]] is two documents of 3 and 2 tokens). Anything else keeps
+    the ordinary causal (and padding) mask. A cache kept from a packed pass holds every document's keys.
     """
 
     cache_class: ClassVar[type[KVCache]] = KVCache
@@ -459,11 +461,14 @@ class DecoderModel(PreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + T, device=x.device)
+        documents = None
         if position_ids is None:  # the reference continues from the cache; it does not look at the mask
             position_ids = cache_position[None]
             warn_past_context(self, past + T, "the input")
         else:
             position_ids = self._check_position_ids(position_ids, B, T)
+            # packed sequences (see the class docstring): a position 0 inside a row starts a document
+            documents = packed_documents(position_ids) if attention_mask is None and past == 0 else None
         if attention_mask is not None:
             # a padding-only row in a batch is allowed (its outputs are meaningless, the others' are right); a
             # mask with no token at all is a mistake. Incremental decoding may start on an all-padding chunk.
@@ -476,6 +481,11 @@ class DecoderModel(PreTrainedModel):
             mask = cache.attention_mask(T)
         else:
             mask = build_attention_mask(attention_mask, cache_position, past + T, B)
+        if documents is not None:
+            mask = restrict_to_documents(mask, documents)
+        if cfg._attn_implementation == FLASH:  # made once here for every layer
+            real = cache.real_tokens(T) if cache is not None else (attention_mask, attention_mask)
+            mask = flash_mask(mask, *real, documents)
         x = self.core(x, position_ids, mask, cache, trace, **core_extra)
         fields = dict(
             last_hidden_state=x,

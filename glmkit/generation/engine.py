@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..attn_backends import FLASH, AttentionBackendError, flash_mask
 from ..cache import KVCache
 from ..modeling import check_token_ids
 
@@ -45,6 +46,8 @@ def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask:
     base = model.base_model
     x = base.embed_tokens(tokens)  # (B, T, C)
     mask, positions = cache.begin(tokens.shape[0], tokens.shape[1], tokens.device, token_mask)
+    if model.config._attn_implementation == FLASH:  # the real tokens packed, made once for every layer
+        mask = flash_mask(mask, *cache.real_tokens(tokens.shape[1]))
     hidden = base.core(x, positions, mask, cache)
     if last_only:
         hidden = hidden[:, -1]  # (B, C)
@@ -119,6 +122,10 @@ class Decoder:
         self.cache = model.base_model.cache_class(capacity, static=mode != "plain")
         self.compiled = None
         if mode == "compiled":
+            if model.config._attn_implementation == FLASH:
+                raise AttentionBackendError("attn_implementation='flash_attention_2' does not run in the compiled "
+                                            "decode step (its unpadding syncs with the host): use compile=False, "
+                                            "or 'sdpa' / 'flex_attention' with compile=True")  # fmt: skip
             self.compiled = compiled_step(model, compile if isinstance(compile, dict) else None)
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
