@@ -117,16 +117,25 @@ def encode_examples(records: list[Any], tokenizer: Tokenizer, max_length: int) -
 
 
 class ExampleData:
-    """Examples as batches: right-padded to the longest in the batch, pads masked out and labelled -100."""
+    """Examples as batches: right-padded to the longest in the batch (pads masked out, labelled -100), or with
+    `packed`, padding-free: the batch's examples end to end in one row, positions restarting at 0 at each (the
+    model then keeps every example's attention to itself) and each example's first label -100 (it is never
+    predicted unpacked either), so the loss is the padded batch's."""
 
-    def __init__(self, examples: list[Example], pad_id: int):
-        self.examples, self.pad_id = examples, pad_id
+    def __init__(self, examples: list[Example], pad_id: int, packed: bool = False):
+        self.examples, self.pad_id, self.packed = examples, pad_id, packed
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def targets(self, indices: torch.Tensor | list[int]) -> int:
+        """Predicted tokens of the batch `indices` would make (the loss's denominator)."""
+        return sum(sum(label != IGNORE for label in self.examples[int(i)][1][1:]) for i in indices)
+
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         rows = [self.examples[int(i)] for i in indices]
+        if self.packed:
+            return _pack(rows)
         T = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -138,6 +147,13 @@ class ExampleData:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def _pack(rows: list[Example]) -> dict[str, torch.Tensor]:
+    ids = [t for r, _ in rows for t in r]
+    labels = [label if j else IGNORE for _, lab in rows for j, label in enumerate(lab)]
+    positions = [j for r, _ in rows for j in range(len(r))]
+    return {k: torch.tensor([v]) for k, v in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+
+
 class BlockData:
     """Fixed-length blocks of a token stream (pretraining-style): every token is a label."""
 
@@ -146,6 +162,9 @@ class BlockData:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def targets(self, indices: torch.Tensor | list[int]) -> int:
+        return len(indices) * (self.blocks.shape[1] - 1)
 
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         x = self.blocks[torch.as_tensor(indices)]

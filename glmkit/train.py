@@ -108,6 +108,7 @@ class TrainOptions:
     target_modules: str = "all"  # comma-separated linear names (q_proj,v_proj), or all (every linear but the head)
     quantization: str | None = None  # with lora: int8 | int4 base (QLoRA), quantized as it is loaded
     parallel: str = "ddp"  # under torchrun (WORLD_SIZE > 1): ddp | fsdp; batch_size is the global batch
+    packing: bool = False  # SFT rows: a batch's examples end to end in one row, padding-free (see glmkit.sft)
 
 
 @dataclass
@@ -224,7 +225,8 @@ def make_datasets(records: list[Record], tokenizer: Tokenizer, opts: TrainOption
         raise ValueError(f"too little data: {len(examples)} usable example(s); {n_eval} held out for eval")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     held_out = examples[len(examples) - n_eval :][: opts.eval_batches * opts.batch_size]
-    return ExampleData(examples[: len(examples) - n_eval], pad), ExampleData(held_out, pad), None
+    train_part = examples[: len(examples) - n_eval]
+    return ExampleData(train_part, pad, opts.packing), ExampleData(held_out, pad, opts.packing), None
 
 
 def unigram_cross_entropy(train: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> float:
@@ -479,9 +481,10 @@ def train(opts: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
     sampler = _Sampler(len(train_data), opts.batch_size, opts.seed)
     eval_loss = None
     while run.step < opts.max_steps:
-        micro = [train_data.batch(sampler.batch(run.step * opts.grad_accum + m)) for m in range(opts.grad_accum)]
-        n_items = sum(count_targets(b) for b in micro)  # predicted tokens across the whole global group
-        run.train_step([{k: v.to(device) for k, v in ctx.shard(b).items()} for b in micro], n_items)
+        micro = [sampler.batch(run.step * opts.grad_accum + m) for m in range(opts.grad_accum)]
+        n_items = sum(train_data.targets(idx) for idx in micro)  # predicted tokens across the whole global group
+        run.train_step([{k: v.to(device) for k, v in train_data.batch(ctx.shard(idx)).items()} for idx in micro],
+                       n_items)  # fmt: skip
         if len(eval_data) and (run.step % opts.eval_every == 0 or run.step == opts.max_steps):
             eval_loss = evaluate(model, eval_data, opts.batch_size, device)
             run.log({"step": run.step, "eval_loss": eval_loss})

@@ -2,7 +2,7 @@
 NCCL on GPU.
 
 Every process reads the whole dataset and draws the same global batch (the seeded sampler); process r trains on
-rows r, r + world, ... of it. The loss of each process is its summed token loss over the global batch's token
+examples r, r + world, ... of it. The loss of each process is its summed token loss over the global batch's token
 count times the world size, so the averaging all-reduce of DDP / FSDP2 leaves exactly the single-process
 gradient of the global batch: N processes step like one process with the same global batch.
 """
@@ -37,9 +37,9 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
-    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This process's rows of a global batch."""
-        return {k: v[self.rank :: self.world] for k, v in batch.items()} if self.active else batch
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This process's examples of a global batch."""
+        return indices[self.rank :: self.world]
 
     def mean(self, value: float) -> float:
         """The mean of a per-process number over the job."""

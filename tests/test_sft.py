@@ -9,11 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close
 
 import glmkit.train as train_mod
 from glmkit import AutoModelForCausalLM, AutoTokenizer, bundled, lora
 from glmkit.cli import main
-from glmkit.sft import IGNORE, Completion, Conversation, encode_completion, encode_conversation, encode_examples
+from glmkit.sft import (
+    IGNORE,
+    Completion,
+    Conversation,
+    ExampleData,
+    encode_completion,
+    encode_conversation,
+    encode_examples,
+)
 from glmkit.train import STATE_FILE, TrainOptions, read_records, train
 
 transformers = pytest.importorskip("transformers")
@@ -193,3 +202,42 @@ def test_cli_lora_and_its_errors(chat_data, tmp_path, capsys):
     assert "qkv match no linear layer of GlmForCausalLM" in capsys.readouterr().err
     assert main(["train", "--data", str(chat_data), "--out", str(tmp_path / "x"), "--lora"]) == 1
     assert "pass model" in capsys.readouterr().err
+
+
+# ---- padding-free packing -----------------------------------------------------------------------------
+
+
+def test_packed_loss_equals_unpacked(chat_data):
+    """The batch's examples end to end in one row (positions restarting per example) give the padded batch's
+    loss and gradients: no attention across examples, no prediction across a boundary."""
+    model = AutoModelForCausalLM.from_pretrained(bundled.path("glm"))
+    tok = AutoTokenizer.from_pretrained(bundled.path("glm"))
+    rows = [{"prompt": "ROMEO:", "completion": " But soft, what light"}, *_dialogues(3)]
+    examples, _ = encode_examples(read_records(_write_jsonl(chat_data.parent / "mixed.jsonl", rows)), tok, 64)
+    assert len({len(ids) for ids, _ in examples}) > 1  # the padded batch does pad
+    indices = list(range(len(examples)))
+    results = []
+    for packed in (False, True):
+        data = ExampleData(examples, tok.pad_token_id, packed=packed)
+        batch = data.batch(indices)
+        assert batch["input_ids"].shape[0] == (1 if packed else len(examples))
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=data.targets(indices)).loss
+        loss.backward()
+        results.append((loss.detach(), model.model.embed_tokens.weight.grad.clone()))
+    (loss_padded, grad_padded), (loss_packed, grad_packed) = results
+    assert_close(loss_packed, loss_padded, rtol=1e-5, what="packed loss")
+    assert_close(grad_packed, grad_padded, rtol=1e-4, what="packed gradient")
+    crossing = {k: v for k, v in batch.items() if k != "position_ids"}  # one long document: attends across examples
+    with torch.no_grad():
+        assert abs(float(model(**crossing, num_items_in_batch=data.targets(indices)).loss) - float(loss_packed)) > 1e-3
+
+
+def test_packed_run_matches_padded_run(chat_data, tmp_path):
+    opts = dict(FAST, model=bundled.path("glm"), lora=True, max_steps=3, eval_fraction=0.1)
+    padded = train(TrainOptions(data=chat_data, out=tmp_path / "padded", **opts))
+    packed = train(TrainOptions(data=chat_data, out=tmp_path / "packed", packing=True, **opts))
+    assert [h["loss"] for h in packed.history if "loss" in h] == pytest.approx(
+        [h["loss"] for h in padded.history if "loss" in h], abs=1e-5
+    )
+    assert packed.eval_loss == pytest.approx(padded.eval_loss, abs=1e-5)
