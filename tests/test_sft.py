@@ -161,8 +161,8 @@ def test_lora_run_saves_an_adapter_and_lowers_the_loss(chat_data, tmp_path):
 
 
 def test_qlora_run_on_an_int8_base(chat_data, tmp_path):
-    result = train(TrainOptions(data=chat_data, out=tmp_path / "q", model=bundled.path("glm"), lora=True,
-                                quantization="int8", max_steps=4, **FAST))  # fmt: skip
+    opts = dict(FAST, model=bundled.path("glm"), lora=True, quantization="int8", max_steps=3, log_every=1)
+    result = train(TrainOptions(data=chat_data, out=tmp_path / "q", **dict(opts, eval_fraction=0.05)))
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert losses[-1] < losses[0]
     config = json.loads((result.out / "adapter_config.json").read_text())
@@ -191,7 +191,7 @@ def test_lora_resume_matches_an_uninterrupted_run(chat_data, tmp_path, monkeypat
 def test_cli_lora_and_its_errors(chat_data, tmp_path, capsys):
     base = str(bundled.path("glm"))
     argv = ["train", "--data", str(chat_data), "--out", str(tmp_path / "cli"), "--model", base, "--lora",
-            "--rank", "4", "--target-modules", "q_proj,v_proj", "--max-steps", "2", "--block-size", "64"]  # fmt: skip
+            "--rank", "4", "--target-modules", "q_proj,v_proj", "--max-steps", "1", "--block-size", "64"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((tmp_path / "cli" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     assert main(["merge", base, str(tmp_path / "cli"), str(tmp_path / "merged")]) == 0
