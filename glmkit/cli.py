@@ -381,6 +381,21 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
     parser.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's)")
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $GLMKIT_API_KEY if set)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the PEFT LoRA adapter in DIR as model NAME (repeatable; requests for different "
+                             "adapters share batches)")  # fmt: skip
+
+
+def _lora_arguments(values: list[str]) -> dict[str, str]:
+    adapters = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora wants NAME=DIR, got {value!r}")
+        if name in adapters:
+            raise ValueError(f"--lora {name} is given twice")
+        adapters[name] = directory
+    return adapters
 
 
 @subcommand("serve", "OpenAI-compatible HTTP server with continuous batching", _serve_arguments)
@@ -398,14 +413,18 @@ def serve(args: argparse.Namespace) -> int:
         raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
 
     name = args.served_model_name or args.model
-    app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None)
+    adapters = _lora_arguments(args.lora)
+    if name in adapters:
+        raise ValueError(f"--lora {name} is the base model's served name")
+    app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None,
+                     adapters={n: i for i, n in enumerate(adapters, 1)})  # the ids load_adapters gives them
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=10))  # fmt: skip
     state: dict[str, Any] = {}
 
     def load() -> None:
         try:
-            state["scheduler"] = _load_scheduler(args, app.state.server, name)
+            state["scheduler"] = _load_scheduler(args, app.state.server, name, adapters)
         except BaseException as err:  # noqa: BLE001 - reported by the main thread after the server stops
             state["error"] = err
             server.should_exit = True
@@ -423,14 +442,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_scheduler(args: argparse.Namespace, server: Any, name: str) -> Any:
+def _load_scheduler(args: argparse.Namespace, server: Any, name: str, adapters: dict[str, str] | None = None) -> Any:
     from .auto import AutoModelForCausalLM
+    from .lora import load_adapters
     from .serve.scheduler import Scheduler
     from .tokenization import AutoTokenizer
 
     hub = hub_options(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    load_adapters(model, adapters or {})
     limit = getattr(model.config, "max_position_embeddings", None)
     max_model_len = args.max_model_len or limit
     if max_model_len is None:

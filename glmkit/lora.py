@@ -11,11 +11,12 @@ that `peft.PeftModel.from_pretrained(transformers_model, DIR)` loads, and `load_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,19 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Apply the PEFT adapter in `directory` to `model` (in place): its targets, ranks and weights. Raises
     AdapterError when it was made for another architecture or other shapes, before changing anything."""
+    config, state = read_checked_adapter(model, directory)
+    apply(model, config=config)
+    with torch.no_grad():
+        for name, module in lora_modules(model).items():
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(module, part).weight
+                weight.copy_(state[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.dtype))
+    return model
+
+
+def read_checked_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """read_adapter, then check that the adapter fits `model`: only LoRA tensors, of linears it has, of the
+    shapes its config says, for every module its targets select."""
     config, state = read_adapter(directory)
     names = {k.removeprefix(PEFT_PREFIX) for k in state}
     odd = sorted(n for n in names if not re.search(r"\.lora_[AB]\.weight$", n))
@@ -296,13 +310,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     missing = [k for k in parts if k not in state]
     if missing:
         raise AdapterError(f"{directory}: adapter weights missing for {', '.join(missing[:5])}")
-    apply(model, config=config)
-    with torch.no_grad():
-        for name, module in lora_modules(model).items():
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(module, part).weight
-                weight.copy_(state[f"{PEFT_PREFIX}{name}.{part}.weight"].to(weight.dtype))
-    return model
+    return config, state
 
 
 def _check_shapes(model: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], directory: Any) -> None:
@@ -351,11 +359,91 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     return model
 
 
+# ---- several adapters at once, chosen per batch row (serving) -----------------------------------------
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear with several adapters stacked; each batch row uses the one `rows` names (0: none).
+    Ranks are zero-padded to the largest and each scaling is folded into its B, so a row's output is exactly
+    its own adapter's. `rows` is set only inside `route(...)`, around one forward."""
+
+    def __init__(self, base_layer: nn.Module, adapters: list[tuple[torch.Tensor, torch.Tensor] | None]):
+        super().__init__()
+        self.base_layer = base_layer
+        rank = max(a.shape[0] for a, _ in filter(None, adapters))
+        dtype = adapters[next(i for i, x in enumerate(adapters) if x)][0].dtype
+        n, (out_f, in_f) = len(adapters) + 1, (base_layer.out_features, base_layer.in_features)
+        A, B = torch.zeros(n, rank, in_f, dtype=dtype), torch.zeros(n, out_f, rank, dtype=dtype)
+        for i, pair in enumerate(adapters, 1):
+            if pair is not None:
+                A[i, : pair[0].shape[0]], B[i, :, : pair[1].shape[1]] = pair
+        device = next(base_layer.buffers(), next(base_layer.parameters(), None)).device
+        self.register_buffer("A", A.to(device), persistent=False)  # (adapters + 1, r, in)
+        self.register_buffer("B", B.to(device), persistent=False)  # (adapters + 1, out, r)
+        self.rows: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.rows is None:
+            return y
+        A, B = self.A[self.rows], self.B[self.rows]  # (rows, r, in), (rows, out, r)
+        h = x.to(A.dtype).reshape(len(self.rows), -1, x.shape[-1])  # (rows, T, in)
+        delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))  # (rows, T, out)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+def load_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike]) -> dict[str, int]:
+    """Load several PEFT adapters into `model` for serving (each checked as load_adapter does); returns name ->
+    the row id `route` takes (0 is the base model)."""
+    if not adapters:
+        return {}
+    checked = [read_checked_adapter(model, directory) for directory in adapters.values()]
+    targets = sorted({n for config, _ in checked for n in select_targets(model, config.target_modules)})
+    for name in targets:
+        pairs = []
+        for config, state in checked:
+            key = f"{PEFT_PREFIX}{name}.lora_"
+            if f"{key}A.weight" in state:
+                pairs.append((state[f"{key}A.weight"], state[f"{key}B.weight"] * config.rank_and_scaling(name)[1]))
+            else:
+                pairs.append(None)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, MultiLoraLinear(getattr(parent, child), pairs))
+    return {name: i for i, name in enumerate(adapters, 1)}
+
+
+@contextlib.contextmanager
+def route(modules: list[MultiLoraLinear], rows: list[int], device: torch.device) -> Iterator[None]:
+    """Within the block, batch row i of every forward uses adapter rows[i] (0: the base model)."""
+    ids = torch.tensor(rows, device=device) if any(rows) else None
+    for m in modules:
+        m.rows = ids
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.rows = None
+
+
+def multi_lora_modules(model: nn.Module) -> list[MultiLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-__all__ = ["AdapterError", "LoraConfig", "LoraLinear", "apply", "load_adapter", "merge", "merge_checkpoint",
-           "read_adapter", "save_adapter", "select_targets", "trainable_parameters"]  # fmt: skip
+__all__ = ["AdapterError", "LoraConfig", "LoraLinear", "MultiLoraLinear", "apply", "load_adapter", "load_adapters",
+           "merge", "merge_checkpoint", "read_adapter", "route", "save_adapter", "select_targets",
+           "trainable_parameters"]  # fmt: skip
