@@ -106,3 +106,18 @@ def test_served_by_model_name(served, adapters, tokenizer):
                 client.completions.create(model="nerissa", prompt="x", max_tokens=2)
     finally:
         scheduler.stop()
+
+
+FLAG_ERRORS = [
+    (["--lora", "bad"], "wants NAME=DIR"),
+    (["--lora", "a=/x", "--lora", "a=/y"], "given twice"),
+    (["--served-model-name", "m", "--lora", "m=/x"], "base model's served name"),
+]
+
+
+@pytest.mark.parametrize(("flags", "match"), FLAG_ERRORS)
+def test_lora_flag_errors(capsys, flags, match):
+    from glmkit import cli
+
+    assert cli.main(["serve", *flags]) == 1
+    assert match in capsys.readouterr().err
