@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -379,8 +380,11 @@ def train(args: argparse.Namespace) -> int:
     if losses:
         summary += f", train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     if result.eval_loss is not None:
-        summary += f", eval loss {result.eval_loss:.3f} (unigram baseline {result.unigram_eval_loss:.3f})"
-    print(summary)
+        summary += f", eval loss {result.eval_loss:.3f}"
+    if result.unigram_eval_loss is not None:
+        summary += f" (unigram baseline {result.unigram_eval_loss:.3f})"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(summary)
     return 0
 
 
@@ -407,6 +411,21 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
     parser.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's)")
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $GLMKIT_API_KEY if set)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the PEFT LoRA adapter in DIR as model NAME (repeatable; requests for different "
+                             "adapters share batches)")  # fmt: skip
+
+
+def _lora_arguments(values: list[str]) -> dict[str, str]:
+    adapters = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora wants NAME=DIR, got {value!r}")
+        if name in adapters:
+            raise ValueError(f"--lora {name} is given twice")
+        adapters[name] = directory
+    return adapters
 
 
 @subcommand("serve", "OpenAI-compatible HTTP server with continuous batching", _serve_arguments)
@@ -424,14 +443,18 @@ def serve(args: argparse.Namespace) -> int:
         raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
 
     name = args.served_model_name or args.model
-    app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None)
+    adapters = _lora_arguments(args.lora)
+    if name in adapters:
+        raise ValueError(f"--lora {name} is the base model's served name")
+    app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None,
+                     adapters={n: i for i, n in enumerate(adapters, 1)})  # the ids load_adapters gives them
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=10))  # fmt: skip
     state: dict[str, Any] = {}
 
     def load() -> None:
         try:
-            state["scheduler"] = _load_scheduler(args, app.state.server, name)
+            state["scheduler"] = _load_scheduler(args, app.state.server, name, adapters)
         except BaseException as err:  # noqa: BLE001 - reported by the main thread after the server stops
             state["error"] = err
             server.should_exit = True
@@ -449,14 +472,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_scheduler(args: argparse.Namespace, server: Any, name: str) -> Any:
+def _load_scheduler(args: argparse.Namespace, server: Any, name: str, adapters: dict[str, str] | None = None) -> Any:
     from .auto import AutoModelForCausalLM
+    from .lora import load_adapters
     from .serve.scheduler import Scheduler
     from .tokenization import AutoTokenizer
 
     hub = hub_options(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    load_adapters(model, adapters or {})
     limit = getattr(model.config, "max_position_embeddings", None)
     max_model_len = args.max_model_len or limit
     if max_model_len is None:
@@ -538,6 +563,24 @@ def quantize(args: argparse.Namespace) -> int:
     from .quant.cli import run
 
     return run(args)
+
+
+# ---- merge (LoRA) -------------------------------------------------------------------------------------
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, "base")
+    parser.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("out", help="directory to write the merged checkpoint to")
+    parser.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16, float16")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+
+
+@subcommand("merge", "fold a LoRA adapter into its base model and write a plain checkpoint", _merge_arguments)
+def merge(args: argparse.Namespace) -> int:
+    from .lora import merge_checkpoint
+
+    merge_checkpoint(args.base, args.adapter, args.out, args.force, args.dtype, **hub_options(args))
+    print(f"wrote {args.out}: {args.base} with {args.adapter} merged in")
+    return 0
 
 
 # ---- entry point --------------------------------------------------------------------------------------

@@ -144,10 +144,12 @@ class PreTrainedModel(nn.Module):
         attn_implementation: str | None = None,
         quantization: str | None = None,
         quantization_config: dict | None = None,
+        adapter: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
         `quantization="int8"|"int4"` (or an HF-style `quantization_config`) quantizes linears as they are read.
+        `adapter=DIR` applies a PEFT LoRA adapter on top (QLoRA when quantized; see glmkit.lora).
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
@@ -188,7 +190,15 @@ class PreTrainedModel(nn.Module):
         model._materialize_missing(device, target_dtype)
         if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
+        if adapter is not None:
+            model.load_adapter(adapter)
         return model.eval()
+
+    def load_adapter(self, adapter_dir: str | os.PathLike) -> PreTrainedModel:
+        """Apply the PEFT LoRA adapter in `adapter_dir` (glmkit.lora.load_adapter) in place; returns self."""
+        from .lora import load_adapter
+
+        return load_adapter(self, adapter_dir)
 
     @classmethod
     def adapt_checkpoint(cls, reader: WeightReader, config: PretrainedConfig) -> WeightReader:
@@ -293,7 +303,8 @@ class PreTrainedModel(nn.Module):
 
 
 _FROM_PRETRAINED_KWARGS = ("config", "dtype", "torch_dtype", "device_map", "attn_implementation", "quantization",
-                           "quantization_config", "revision", "local_files_only", "cache_dir", "token")  # fmt: skip
+                           "quantization_config", "revision", "local_files_only", "cache_dir", "token",
+                           "adapter")  # fmt: skip
 
 
 def _did_you_mean(name: str) -> str:

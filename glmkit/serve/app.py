@@ -148,10 +148,10 @@ class Generation:
         except RuntimeError:  # the loop is closed: the server has gone; the engine must not fail for it
             pass
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], base_id: str) -> None:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], base_id: str, adapter: int = 0) -> None:
         """Submit choice i as (prompts[i], params[i]); on a refusal cancel the ones already in."""
         for i, (prompt, sampling) in enumerate(zip(prompts, params, strict=True)):
-            request = EngineRequest(prompt, sampling, self._on_event, request_id=f"{base_id}-{i}")
+            request = EngineRequest(prompt, sampling, self._on_event, request_id=f"{base_id}-{i}", adapter=adapter)
             if self.metrics is not None:
                 self.metrics.on_submit(request.request_id)
             try:
@@ -250,8 +250,9 @@ class Server:
     """The endpoints, over one scheduler and tokenizer serving one model name. Until `attach` gives it
     them (the model is loading) every endpoint but /health and /metrics answers 503."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, adapters: dict[str, int] | None = None):
         self.model_name = model_name
+        self.adapters = adapters or {}  # served LoRA adapter name -> its engine id (glmkit.lora.load_adapters)
         self.metrics = ServerMetrics(model_name)
         self.scheduler: Any = None
 
@@ -271,10 +272,15 @@ class Server:
             raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="loading")
 
     # -- helpers
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`)",
-                           param="model", code="model_not_found")  # fmt: skip
+    def check_model(self, name: str | None) -> int:
+        """The engine's adapter id for a requested model name (0: the base model)."""
+        if name is None or name == self.model_name:
+            return 0
+        if name in self.adapters:
+            return self.adapters[name]
+        served = ", ".join(f"`{n}`" for n in [self.model_name, *self.adapters])
+        raise APIError(404, f"The model `{name}` does not exist (this server serves {served})", param="model",
+                       code="model_not_found")  # fmt: skip
 
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
@@ -368,7 +374,7 @@ class Server:
                 sampling.grammar = plan.grammar
                 sampling.stop_token_ids += plan.stop_token_ids
         generation = Generation(self.scheduler, asyncio.get_running_loop(), self.output_maker(plan), self.metrics)
-        generation.submit(ids, params, request_id)
+        generation.submit(ids, params, request_id, self.check_model(body.model))
         return generation, request_id
 
     def output_maker(self, plan: ChatPlan | None) -> Any:
@@ -410,14 +416,16 @@ class Server:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def models(self) -> ModelList:
-        return ModelList(data=[self.model_card()])
+        return ModelList(data=[self.model_card(name) for name in [self.model_name, *self.adapters]])
 
     async def model(self, model_id: str) -> ModelCard:
         self.check_model(model_id)
-        return self.model_card()
+        return self.model_card(model_id)
 
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=self.model_name, root=self.model_name, max_model_len=self.max_model_len)
+    def model_card(self, name: str) -> ModelCard:
+        """A served name: the base model, or a LoRA adapter on it (its root and parent are the base)."""
+        parent = self.model_name if name != self.model_name else None
+        return ModelCard(id=name, root=self.model_name, parent=parent, max_model_len=self.max_model_len)
 
     async def completions(self, request: Request) -> Response:
         body = await parse(request, CompletionRequest)
@@ -427,7 +435,7 @@ class Server:
         generation, request_id = self.start(body, prompts, body.max_tokens, COMPLETION_MAX_TOKENS, body.logprobs,
                                             "cmpl")  # fmt: skip
         echoes = [texts[i // body.choices] if body.echo else "" for i in range(len(prompts) * body.choices)]
-        head = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        head = {"id": request_id, "created": int(time.time()), "model": body.model or self.model_name}
         if body.stream:
             chunks = self.completion_chunks(generation, head, echoes, body, sum(map(len, prompts)))
             return EventStream(chunks, generation)
@@ -495,7 +503,7 @@ class Server:
         prompt = plan.prompt
         generation, request_id = self.start(body, [prompt], body.max_completion_tokens or body.max_tokens, None,
                                             body.logprobs_k, "chatcmpl", plan)  # fmt: skip
-        head = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        head = {"id": request_id, "created": int(time.time()), "model": body.model or self.model_name}
         if body.stream:
             return EventStream(self.chat_chunks(generation, head, body, len(prompt)), generation)
         try:
@@ -629,12 +637,13 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def create_app(scheduler: Any, tokenizer: Any, model_name: str, api_key: str | None = None, *,
-               max_model_len: int | None) -> FastAPI:  # fmt: skip
+               max_model_len: int | None, adapters: dict[str, int] | None = None) -> FastAPI:  # fmt: skip
     """The OpenAI-compatible app over a started `Scheduler` (which it does not own: start and stop it around
     the server). `api_key` set: every endpoint but /health and /metrics wants `Authorization: Bearer
     <api_key>`. With `scheduler` None the app serves while the model loads (503s, /health "loading")
-    until `app.state.server.attach(scheduler, tokenizer, max_model_len)`."""
-    server = Server(model_name)
+    until `app.state.server.attach(scheduler, tokenizer, max_model_len)`. `adapters`: LoRA adapter names
+    served beside `model_name` (name -> the id glmkit.lora.load_adapters gave it)."""
+    server = Server(model_name, adapters)
     if scheduler is not None:
         if max_model_len is None:
             raise ValueError("create_app needs max_model_len with a scheduler")

@@ -10,6 +10,7 @@ depend on what else shares the batch. Events go to each request's callback from 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import lora
 from ..cache import KVCache
 from ..generation.engine import PREFILL_CHUNK, forward_tokens
 from ..generation.grammar import Constraint, GrammarError, grammar_tokenizer
@@ -80,6 +82,7 @@ class Request:
     on_event: Callable[[Event], None]
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    adapter: int = 0  # the LoRA adapter its rows use (glmkit.lora.load_adapters ids; 0: the base model)
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Scheduler:
         eos = eos if eos is not None else model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
         self.device = model.device
+        self._adapters = lora.multi_lora_modules(model)  # empty unless adapters were loaded for serving
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []
@@ -193,6 +197,8 @@ class Scheduler:
 
     def _check(self, request: Request) -> None:
         ids, p = request.prompt_ids, request.params
+        if request.adapter and not 0 < request.adapter <= max((len(m.A) - 1 for m in self._adapters), default=0):
+            raise RequestError(f"no LoRA adapter {request.adapter} is loaded")
         if not ids:
             raise RequestError("the prompt is empty")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -281,30 +287,38 @@ class Scheduler:
             budget -= self._prefill(seq, budget)
         if self._running:
             tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
-            logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
+            with self._routed([s.request.adapter for s in self._running]):
+                logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
             for row, seq in enumerate(self._running):
                 self._take_or_fail(seq, logits[row])
             self._compact()
 
     def _prefill(self, seq: _Sequence, budget: int) -> int:
         """The next chunk (at most `budget` tokens) of this prompt; returns the tokens used."""
-        ids = seq.request.prompt_ids
-        if seq.cache is None:
-            seq.cache, seq.prefilled = self._cached_prefix(ids)
+        ids, adapter = seq.request.prompt_ids, seq.request.adapter
+        if seq.cache is None:  # kept prefixes are the base model's KV: an adapter's request starts afresh
+            fresh = (self.model.base_model.cache_class(), 0)
+            seq.cache, seq.prefilled = fresh if adapter else self._cached_prefix(ids)
         part = ids[seq.prefilled : seq.prefilled + budget]
-        logits = forward_tokens(self.model, seq.cache, torch.tensor([part], device=self.device))
+        with self._routed([adapter]):
+            logits = forward_tokens(self.model, seq.cache, torch.tensor([part], device=self.device))
         seq.prefilled += len(part)
         if seq.prefilled < len(ids):
             return len(part)
         self._prefilling.remove(seq)
         self.counters["prompt_tokens_total"] += len(ids)
-        self._keep_prefix(ids, seq.cache)
+        if not adapter:
+            self._keep_prefix(ids, seq.cache)
         self._take_or_fail(seq, logits[0])
         if not seq.done:
             self._batch = seq.cache if self._batch is None else KVCache.stack([self._batch, seq.cache])
             self._running.append(seq)
         seq.cache = None
         return len(part)
+
+    def _routed(self, adapters: list[int]) -> contextlib.AbstractContextManager:
+        """Row i of the next forward uses LoRA adapter adapters[i] (nothing to do without served adapters)."""
+        return lora.route(self._adapters, adapters, self.device) if self._adapters else contextlib.nullcontext()
 
     def _cached_prefix(self, ids: list[int]) -> tuple[KVCache, int]:
         """A cache holding the longest kept prefix of `ids` (all but its last token at most), and its length."""
