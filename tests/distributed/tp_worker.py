@@ -1,0 +1,102 @@
+"""One rank of a tensor-parallel test run (launched by test_tp.py through torchrun, gloo on CPU).
+
+argv: checkpoint root, output directory. Every check of one world size runs in this one launch (a
+launch costs seconds); rank r writes its results to out/<name>.rank<r>.safetensors and out/rank<r>.json,
+and the test process compares them with the single-process model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+
+import glmkit
+
+FAMILIES = ("glm", "xglm", "persimmon")
+NEW_TOKENS = 6
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch every run uses: two rows, the second left-padded."""
+    ids = torch.tensor([[5, 17, 42, 8, 23, 61, 30], [0, 0, 12, 77, 3, 40, 9]])
+    return ids, (ids != 0).long()
+
+
+def load(family: str, root: Path, world: int) -> glmkit.PreTrainedModel:
+    """Each family through another way of asking for tensor parallelism."""
+    options = {"glm": {"tp_plan": "auto"}, "xglm": {"tp_size": world},
+               "persimmon": {"device_mesh": init_device_mesh("cpu", (world,))}}[family]  # fmt: skip
+    return glmkit.AutoModelForCausalLM.from_pretrained(root / family, **options)
+
+
+def run_family(family: str, root: Path, out: Path, rank: int, world: int) -> None:
+    model = load(family, root, world)
+    ids, mask = inputs()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                            cache_implementation="static")  # fmt: skip
+    streamed = torch.tensor([chunk.token_ids[0][0] for chunk in model.stream(ids[:1], max_new_tokens=NEW_TOKENS,
+                                                                              do_sample=False)])  # fmt: skip
+    save_file({"logits": logits.contiguous(), "greedy": greedy, "static": static, "stream": streamed},
+              str(out / f"{family}.rank{rank}.safetensors"))  # fmt: skip
+    model.save_pretrained(out / f"saved_{family}")
+
+
+def kb(field: str) -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field + ":")).split()[1])
+
+
+def peak_memory(root: Path) -> dict:
+    """Peak resident growth while loading the larger checkpoint, against the bytes this rank holds."""
+    gc.collect()
+    base = kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    model = glmkit.GlmForCausalLM.from_pretrained(root / "big", tp_plan="auto")
+    params = {id(p): p for p in model.parameters()}.values()
+    held = sum(p.numel() * p.element_size() for p in params)
+    return {"peak": (kb("VmHWM") - base) * 1024, "held": held}
+
+
+def errors(root: Path, world: int) -> dict:
+    """The message of each misuse (every rank must raise the same, before any collective)."""
+    cases = {
+        "heads": lambda: glmkit.XGLMForCausalLM.from_pretrained(root / "xglm_3_heads", tp_plan="auto"),
+        "device_map": lambda: glmkit.GlmForCausalLM.from_pretrained(root / "glm", tp_plan="auto", device_map="cpu"),
+        "tp_size": lambda: glmkit.GlmForCausalLM.from_pretrained(root / "glm", tp_size=world + 1),
+        "quantization": lambda: glmkit.GlmForCausalLM.from_pretrained(root / "glm", tp_plan="auto",
+                                                                      quantization="int8"),
+    }  # fmt: skip
+    found = {}
+    for name, call in cases.items():
+        try:
+            call()
+            found[name] = None
+        except Exception as err:  # noqa: BLE001 - the test checks the type and the words
+            found[name] = f"{type(err).__name__}: {err}"
+    return found
+
+
+def main() -> None:
+    root, out = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for family in FAMILIES:
+        run_family(family, root, out, rank, world)
+    report = {"errors": errors(root, world), "memory": peak_memory(root)}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
