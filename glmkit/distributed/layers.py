@@ -25,7 +25,7 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def all_gather_last(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's `t` along its last dimension (rank order)."""
-    return _waited(fc.all_gather_tensor(t.contiguous(), t.dim() - 1, group))
+    return _waited(fc.all_gather_single(t.contiguous(), t.dim() - 1, group))
 
 
 class RowParallelLinear(nn.Linear):

@@ -44,15 +44,19 @@ def checkpoints(tmp_path_factory) -> Path:
     return root
 
 
+def launch(world: int, checkpoints: Path, out: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(WORKER), str(checkpoints), str(out), *extra]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def run(request, checkpoints, tmp_path_factory) -> tuple[int, Path]:
     """One torchrun launch per world size running every check of tp_worker.py."""
     world, out = request.param, tmp_path_factory.mktemp(f"tp_world{request.param}")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(WORKER), str(checkpoints), str(out)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    launch(world, checkpoints, out)
     return world, out
 
 
@@ -121,3 +125,16 @@ def test_no_process_group_and_no_torchrun_environment(checkpoints, monkeypatch):
 def test_unknown_tp_plan(checkpoints):
     with pytest.raises(ValueError, match="tp_plan must be 'auto'"):
         glmkit.GlmForCausalLM.from_pretrained(checkpoints / "glm", tp_plan="colwise")
+
+
+@pytest.mark.slow  # a minute of inductor compilation per rank on 2 CPU cores
+def test_compiled_step_traces_the_collectives(checkpoints, tmp_path):
+    """generate(compile=True) at world size 2 compiles (no eager fallback) and picks the eager tokens."""
+    launch(2, checkpoints, tmp_path, "compiled")
+    model = single(checkpoints / "glm")
+    ids, mask = inputs()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for rank in range(2):
+        caught = json.loads((tmp_path / f"compiled.rank{rank}.json").read_text())
+        assert not [w for w in caught if "eagerly" in w], caught
+        assert torch.equal(load_file(tmp_path / f"compiled.rank{rank}.safetensors")["compiled"], greedy)

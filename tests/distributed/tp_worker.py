@@ -1,6 +1,6 @@
 """One rank of a tensor-parallel test run (launched by test_tp.py through torchrun, gloo on CPU).
 
-argv: checkpoint root, output directory. Every check of one world size runs in this one launch (a
+argv: checkpoint root, output directory[, "compiled"]. Every check of one world size runs in this one launch (a
 launch costs seconds); rank r writes its results to out/<name>.rank<r>.safetensors and out/rank<r>.json,
 and the test process compares them with the single-process model.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,11 +86,25 @@ def errors(root: Path, world: int) -> dict:
     return found
 
 
+def compiled(root: Path, out: Path, rank: int, world: int) -> None:
+    """Greedy tokens through the compiled step (collectives traced into the graph) and its warnings."""
+    model = load("glm", root, world)
+    ids, mask = inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, compile=True)
+    save_file({"compiled": tokens}, str(out / f"compiled.rank{rank}.safetensors"))
+    (out / f"compiled.rank{rank}.json").write_text(json.dumps([str(w.message) for w in caught]))
+
+
 def main() -> None:
     root, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if sys.argv[3:] == ["compiled"]:
+        compiled(root, out, rank, world)
+        return dist.destroy_process_group()
     for family in FAMILIES:
         run_family(family, root, out, rank, world)
     report = {"errors": errors(root, world), "memory": peak_memory(root)}
