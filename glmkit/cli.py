@@ -393,6 +393,11 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
 
+    if _tensor_parallel_launch() and int(os.environ["RANK"]) != 0:  # rank 0 serves, the others follow its steps
+        from .distributed.serve import follow
+
+        follow(_scheduler(args))
+        return 0
     name = args.served_model_name or args.model
     app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -419,27 +424,45 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensor_parallel_launch() -> bool:
+    """Started by torchrun with several ranks: the model is split over them (tp_plan="auto")."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _load_scheduler(args: argparse.Namespace, server: Any, name: str) -> Any:
+    scheduler = _scheduler(args)
+    if _tensor_parallel_launch():
+        from .distributed.serve import lead
+
+        lead(scheduler)
+    scheduler.start()
+    max_model_len, model = scheduler.max_model_len, scheduler.model
+    server.attach(scheduler, scheduler.tokenizer, max_model_len)
+    print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
+    return scheduler
+
+
+def _scheduler(args: argparse.Namespace) -> Any:
+    """The model (split over the ranks of a torchrun launch), its tokenizer and a scheduler, not started."""
     from .auto import AutoModelForCausalLM
     from .serve.scheduler import Scheduler
     from .tokenization import AutoTokenizer
 
     hub = hub_options(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    placement = {"tp_plan": "auto"} if _tensor_parallel_launch() else {"device_map": args.device}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, **placement, **hub)
     limit = getattr(model.config, "max_position_embeddings", None)
     max_model_len = args.max_model_len or limit
     if max_model_len is None:
         raise ValueError("--max-model-len is needed: the model's config has no max_position_embeddings")
     if limit and max_model_len > limit:
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
-    scheduler = Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
-                          max_model_len=max_model_len)  # fmt: skip
-    scheduler.start()
-    server.attach(scheduler, tokenizer, max_model_len)
-    print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    return scheduler
+    return Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
+                     max_model_len=max_model_len)  # fmt: skip
 
 
 # ---- perplexity / eval -------------------------------------------------------------------------------

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from glmkit.checkpoint import WeightReader
 from glmkit.distributed import TensorParallelError
 from tests.conftest import REPO, TINY_DECODERS, assert_close, reference_and_ours
 
-from .tp_worker import FAMILIES, NEW_TOKENS, inputs
+from .tp_worker import FAMILIES, NEW_TOKENS, SERVED, inputs, serve_requests
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 
@@ -103,6 +107,53 @@ def test_peak_memory_per_rank_is_its_shard(run, checkpoints):
         report = json.loads((out / f"rank{rank}.json").read_text())["memory"]
         assert report["held"] <= 1.02 * total / world, (report, total)
         assert report["peak"] <= 1.1 * report["held"] + (6 << 20), (report, total)
+
+
+def test_scheduler_steps_followed_by_every_rank(run):
+    """Rank 0's scheduler (greedy, seeded sampling, a stop string, a request waiting for a row) gives the
+    tokens a single-process scheduler gives, while the other ranks follow its broadcast steps."""
+    _, out = run
+    expected = serve_requests(glmkit.AutoModelForCausalLM.from_pretrained(SERVED),
+                              glmkit.AutoTokenizer.from_pretrained(SERVED))  # fmt: skip
+    assert json.loads((out / "served.json").read_text()) == expected
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_serve_answers_from_rank_zero(tmp_path):
+    """`torchrun --nproc-per-node 2 -m glmkit serve`: rank 0 answers over HTTP what one process generates."""
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "glmkit",
+           "serve", "--model", SERVED, "--port", str(port)]  # fmt: skip
+    with open(tmp_path / "log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        body = json.dumps({"model": SERVED, "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0}).encode()
+        answer = None
+        for _ in range(240):  # up to two minutes for both ranks to load
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                                 {"Content-Type": "application/json"})  # fmt: skip
+                answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, (tmp_path / "log").read_text()[-4000:]
+                time.sleep(0.5)
+        assert answer is not None, (tmp_path / "log").read_text()[-4000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+    model, tokenizer = glmkit.AutoModelForCausalLM.from_pretrained(SERVED), glmkit.AutoTokenizer.from_pretrained(SERVED)
+    ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :],
+                                skip_special_tokens=True)  # fmt: skip
+    assert answer["choices"][0]["text"] == expected
 
 
 def test_misuse_raises_clear_errors_on_every_rank(run):

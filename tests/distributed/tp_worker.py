@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -50,6 +51,48 @@ def run_family(family: str, root: Path, out: Path, rank: int, world: int) -> Non
     save_file({"logits": logits.contiguous(), "greedy": greedy, "static": static, "stream": streamed},
               str(out / f"{family}.rank{rank}.safetensors"))  # fmt: skip
     model.save_pretrained(out / f"saved_{family}")
+
+
+SERVED = "default:glm"  # the bundled GLM (4 query / 2 kv heads) and its tokenizer
+SERVE_REQUESTS = [("ROMEO:", dict(max_tokens=8, temperature=0.0, ignore_eos=True)),
+                  ("JULIET: O Romeo, Romeo", dict(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True)),
+                  ("KING", dict(max_tokens=6, temperature=1.0, top_k=20, seed=7, stop=["e"]))]  # fmt: skip
+
+
+def serve_requests(model: glmkit.PreTrainedModel, tokenizer: object, lead: object = None) -> dict[str, list[int]]:
+    """Run SERVE_REQUESTS through a scheduler of two rows (the third waits for a free one); tokens by request."""
+    from glmkit.serve.scheduler import Request, SamplingParams, Scheduler
+
+    scheduler, tokens, finished = Scheduler(model, tokenizer, max_num_seqs=2), {}, []
+    done = threading.Event()
+
+    def on_event(event: object) -> None:
+        tokens.setdefault(event.request_id, []).extend(event.token_ids)
+        if event.finish_reason is not None:
+            finished.append(event.request_id)
+            if len(finished) == len(SERVE_REQUESTS):
+                done.set()
+
+    if lead is not None:
+        lead(scheduler)
+    scheduler.start()
+    for i, (prompt, params) in enumerate(SERVE_REQUESTS):
+        scheduler.submit(Request(tokenizer(prompt)["input_ids"], SamplingParams(**params), on_event, str(i)))
+    done.wait(120)
+    scheduler.stop()
+    return tokens
+
+
+def served(out: Path, rank: int) -> None:
+    """Rank 0 serves SERVE_REQUESTS; the other ranks follow its steps until it stops."""
+    from glmkit.distributed.serve import follow, lead
+    from glmkit.serve.scheduler import Scheduler
+
+    model = glmkit.AutoModelForCausalLM.from_pretrained(SERVED, tp_plan="auto")
+    tokenizer = glmkit.AutoTokenizer.from_pretrained(SERVED)
+    if rank:
+        return follow(Scheduler(model, tokenizer, max_num_seqs=2))
+    (out / "served.json").write_text(json.dumps(serve_requests(model, tokenizer, lead)))
 
 
 def kb(field: str) -> int:
@@ -107,6 +150,7 @@ def main() -> None:
         return dist.destroy_process_group()
     for family in FAMILIES:
         run_family(family, root, out, rank, world)
+    served(out, rank)
     report = {"errors": errors(root, world), "memory": peak_memory(root)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
