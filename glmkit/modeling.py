@@ -192,7 +192,7 @@ class PreTrainedModel(nn.Module):
         if tp_group is not None:  # this rank's shards swapped in; the reader reads only their slices
             from .distributed import shard_for_loading
 
-            reader = shard_for_loading(model, reader, tp_group)
+            reader = shard_for_loading(model, reader, tp_group, device)
         names = model._match_checkpoint(reader)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices

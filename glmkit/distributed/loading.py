@@ -111,8 +111,13 @@ class ShardedReader:
         return whole.narrow(dim, start, stop - start).clone()
 
 
-def shard_for_loading(model: nn.Module, reader: Any, group: dist.ProcessGroup) -> ShardedReader:
-    """Split the meta-device `model` over `group` and return the reader of this rank's weights."""
+def shard_for_loading(model: nn.Module, reader: Any, group: dist.ProcessGroup, device: torch.device) -> ShardedReader:
+    """Split the meta-device `model` over `group` and return the reader of this rank's weights. Every rank's
+    torch RNG is seeded alike (a seed drawn on the first rank): sampling must pick the same token on every
+    rank, or their steps (and collectives) part ways."""
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    dist.broadcast(seed, dist.get_global_rank(group, 0), group=group)
+    torch.manual_seed(int(seed))
     shards = shard_model(model, group)
     ours, _ = model._checkpoint_name_map(reader.keys())  # our name -> the checkpoint's
     by_checkpoint_name = {ours[name]: shard for name, shard in shards.items() if name in ours}

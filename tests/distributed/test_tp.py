@@ -86,6 +86,15 @@ def test_logits_and_generation_equal_the_single_process_model(run, checkpoints, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_picks_the_same_tokens_on_every_rank(run, family):
+    """Loading seeds every rank's RNG alike: a sampled generation (which no rank could finish alone if
+    they drew differently: EOS would end them at different steps) is the same everywhere."""
+    world, out = run
+    sampled = [load_file(out / f"{family}.rank{rank}.safetensors")["sampled"] for rank in range(world)]
+    assert all(torch.equal(s, sampled[0]) for s in sampled)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_from_tensor_parallel_writes_the_whole_checkpoint(run, checkpoints, family):
     """Rank 0 writes one ordinary checkpoint: the same tensors as the one loaded, so the same logits."""
     _, out = run

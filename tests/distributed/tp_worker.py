@@ -46,10 +46,12 @@ def run_family(family: str, root: Path, out: Path, rank: int, world: int) -> Non
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     static = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                             cache_implementation="static")  # fmt: skip
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0,
+                             temperature=2.0)  # fmt: skip
     streamed = torch.tensor([chunk.token_ids[0][0] for chunk in model.stream(ids[:1], max_new_tokens=NEW_TOKENS,
                                                                               do_sample=False)])  # fmt: skip
-    save_file({"logits": logits.contiguous(), "greedy": greedy, "static": static, "stream": streamed},
-              str(out / f"{family}.rank{rank}.safetensors"))  # fmt: skip
+    results = {"logits": logits.contiguous(), "greedy": greedy, "static": static, "stream": streamed}
+    save_file({**results, "sampled": sampled}, str(out / f"{family}.rank{rank}.safetensors"))
     model.save_pretrained(out / f"saved_{family}")
 
 
@@ -145,6 +147,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1000 + rank)  # loading must bring every rank's RNG into line
     if sys.argv[3:] == ["compiled"]:
         compiled(root, out, rank, world)
         return dist.destroy_process_group()
