@@ -53,7 +53,10 @@ def _init_default_group() -> None:
 
 
 def _rank_device(backend: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    """NCCL ranks use the GPU torchrun gave them (LOCAL_RANK), else the current one; gloo ranks the CPU."""
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def _mesh_group(mesh: Any) -> tuple[dist.ProcessGroup, torch.device]:
@@ -62,8 +65,7 @@ def _mesh_group(mesh: Any) -> tuple[dist.ProcessGroup, torch.device]:
             raise TensorParallelError(f"device_mesh has {mesh.ndim} dimensions and none named 'tp': pass a 1-D mesh "
                                       "or name the tensor-parallel dimension 'tp'")  # fmt: skip
         mesh = mesh["tp"]
-    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    return mesh.get_group(), device
+    return mesh.get_group(), _rank_device("nccl" if mesh.device_type == "cuda" else "gloo")
 
 
 class ShardedReader:
