@@ -85,23 +85,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--rank-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    if "--quick" in sys.argv:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(layers=2, hidden=512, vocab=8192, new_tokens=32)
     args, _ = parser.parse_known_args()
-    if args.quick:
-        args.layers, args.hidden, args.vocab, args.new_tokens = 2, 512, 8192, 32
     if args.rank_run:
         return rank_main(args)
-    passed = [a for a in sys.argv[1:] if a != "--quick"]
-    quick = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-             "--new-tokens", str(args.new_tokens)] if args.quick else []  # fmt: skip
+    shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+             "--new-tokens", str(args.new_tokens)]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), args)
-        table = {size: launch(size, Path(tmp), [*passed, *quick]) for size in args.sizes}
+        table = {size: launch(size, Path(tmp), [*sys.argv[1:], *shape]) for size in args.sizes}
     print(f"GLM {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, batch {args.batch}, "
           f"{args.new_tokens} new tokens, {args.threads} thread(s) per rank")  # fmt: skip
     for mode in table[args.sizes[0]]:
         base = table[args.sizes[0]][mode]
         for size, results in table.items():
-            print(f"  {mode:9s} TP {size}: {results[mode]:8.1f} tokens/s  ({results[mode] / base:.2f}x TP {args.sizes[0]})")
+            ratio = results[mode] / base
+            print(f"  {mode:9s} TP {size}: {results[mode]:8.1f} tokens/s  ({ratio:.2f}x TP {args.sizes[0]})")
 
 
 if __name__ == "__main__":
