@@ -396,7 +396,7 @@ def serve(args: argparse.Namespace) -> int:
     if _tensor_parallel_launch() and int(os.environ["RANK"]) != 0:  # rank 0 serves, the others follow its steps
         from .distributed.serve import follow
 
-        follow(_scheduler(args))
+        follow(_scheduler(args)[0])
         return 0
     name = args.served_model_name or args.model
     app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None)
@@ -432,21 +432,21 @@ def _tensor_parallel_launch() -> bool:
 
 
 def _load_scheduler(args: argparse.Namespace, server: Any, name: str) -> Any:
-    scheduler = _scheduler(args)
+    scheduler, model, tokenizer, max_model_len = _scheduler(args)
     if _tensor_parallel_launch():
         from .distributed.serve import lead
 
         lead(scheduler)
     scheduler.start()
-    max_model_len, model = scheduler.max_model_len, scheduler.model
-    server.attach(scheduler, scheduler.tokenizer, max_model_len)
+    server.attach(scheduler, tokenizer, max_model_len)
     print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
     return scheduler
 
 
-def _scheduler(args: argparse.Namespace) -> Any:
-    """The model (split over the ranks of a torchrun launch), its tokenizer and a scheduler, not started."""
+def _scheduler(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
+    """A scheduler, not started, with its model (split over the ranks of a torchrun launch), tokenizer and
+    max_model_len."""
     from .auto import AutoModelForCausalLM
     from .serve.scheduler import Scheduler
     from .tokenization import AutoTokenizer
@@ -461,8 +461,9 @@ def _scheduler(args: argparse.Namespace) -> Any:
         raise ValueError("--max-model-len is needed: the model's config has no max_position_embeddings")
     if limit and max_model_len > limit:
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
-    return Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
-                     max_model_len=max_model_len)  # fmt: skip
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
+                          max_model_len=max_model_len)  # fmt: skip
+    return scheduler, model, tokenizer, max_model_len
 
 
 # ---- perplexity / eval -------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import glmkit
 from glmkit.checkpoint import WeightReader
 from glmkit.distributed import TensorParallelError
 from tests.conftest import REPO, TINY_DECODERS, assert_close, reference_and_ours
+from tests.parity.test_glm_original import write_chatglm
 
-from .tp_worker import FAMILIES, NEW_TOKENS, SERVED, inputs, serve_requests
+from .tp_worker import CHECKPOINTS, FAMILIES, NEW_TOKENS, SERVED, inputs, serve_requests
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 
@@ -32,10 +33,13 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     """Tiny reference checkpoints of every family (GLM with 8 query / 2 kv heads: at world size 4 each kv
-    head is replicated on two ranks), a 3-head XGLM that cannot be split, and a ~90 MB GLM for memory."""
+    head is replicated on two ranks; the same GLM in the original THUDM layout too), a 3-head XGLM that
+    cannot be split, and a ~90 MB GLM for memory."""
     root = tmp_path_factory.mktemp("tp_checkpoints")
     for family in FAMILIES:
-        reference_and_ours(family, root / family)
+        ref, _ = reference_and_ours(family, root / family)
+        if family == "glm":
+            write_chatglm(ref, root / "glm_original")
     glmkit.XGLMForCausalLM(glmkit.XGLMConfig(**{**TINY_DECODERS["xglm"][3], "attention_heads": 3},
                                              vocab_size=96)).save_pretrained(root / "xglm_3_heads")  # fmt: skip
     big = dict(TINY_DECODERS["glm"][3], vocab_size=16384, hidden_size=512, intermediate_size=2048, head_dim=64)
@@ -68,7 +72,7 @@ def single(directory: Path) -> glmkit.PreTrainedModel:
     return glmkit.AutoModelForCausalLM.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CHECKPOINTS)
 def test_logits_and_generation_equal_the_single_process_model(run, checkpoints, family):
     world, out = run
     model = single(checkpoints / family)
@@ -85,7 +89,7 @@ def test_logits_and_generation_equal_the_single_process_model(run, checkpoints, 
         assert torch.equal(got["stream"], greedy[0, ids.shape[1] : ids.shape[1] + len(got["stream"])])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CHECKPOINTS)
 def test_sampling_picks_the_same_tokens_on_every_rank(run, family):
     """Loading seeds every rank's RNG alike: a sampled generation (which no rank could finish alone if
     they drew differently: EOS would end them at different steps) is the same everywhere."""
@@ -94,7 +98,7 @@ def test_sampling_picks_the_same_tokens_on_every_rank(run, family):
     assert all(torch.equal(s, sampled[0]) for s in sampled)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CHECKPOINTS)
 def test_save_from_tensor_parallel_writes_the_whole_checkpoint(run, checkpoints, family):
     """Rank 0 writes one ordinary checkpoint: the same tensors as the one loaded, so the same logits."""
     _, out = run

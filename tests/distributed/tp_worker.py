@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import glmkit
 
 FAMILIES = ("glm", "xglm", "persimmon")
+CHECKPOINTS = (*FAMILIES, "glm_original")  # the last: the GLM in the THUDM release layout (fused q/k/v)
 NEW_TOKENS = 6
 
 
@@ -33,7 +34,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def load(family: str, root: Path, world: int) -> glmkit.PreTrainedModel:
     """Each family through another way of asking for tensor parallelism."""
-    options = {"glm": {"tp_plan": "auto"}, "xglm": {"tp_size": world},
+    options = {"glm": {"tp_plan": "auto"}, "glm_original": {"tp_plan": "auto"}, "xglm": {"tp_size": world},
                "persimmon": {"device_mesh": init_device_mesh("cpu", (world,))}}[family]  # fmt: skip
     return glmkit.AutoModelForCausalLM.from_pretrained(root / family, **options)
 
@@ -151,7 +152,7 @@ def main() -> None:
     if sys.argv[3:] == ["compiled"]:
         compiled(root, out, rank, world)
         return dist.destroy_process_group()
-    for family in FAMILIES:
+    for family in CHECKPOINTS:
         run_family(family, root, out, rank, world)
     served(out, rank)
     report = {"errors": errors(root, world), "memory": peak_memory(root)}
