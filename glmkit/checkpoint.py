@@ -10,6 +10,7 @@ Saves are atomic: new files are written under temporary names and renamed over t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -105,6 +106,31 @@ class WeightReader:
         tensor = handle.get_tensor(name)  # ints, bool, fp8: the library's own copy
         return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Indices [start, stop) of dimension `dim` of tensor `name`, in `dtype` if given: a tensor-parallel
+        rank's shard, read without ever holding the whole tensor. A row slice reads just its bytes; a column
+        slice streams the rows through the staging buffer a block at a time."""
+        path = self._where[name]
+        safetensors = not isinstance(self._open(path), dict)
+        if not safetensors or self._header(path).get(name, {}).get("dtype") not in _SAFETENSORS_DTYPES:
+            return self.get(name, dtype).narrow(dim, start, stop - start).clone()  # .bin / integer tensors
+        entry = self._header(path)[name]
+        shape, source = entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]]
+        inner = math.prod(shape[dim + 1 :]) * source.itemsize  # bytes of one index of `dim`
+        first, outer = entry["data_offsets"][0], math.prod(shape[:dim])
+        if outer == 1:  # one contiguous run of bytes: read as a tensor of its own
+            part = {**entry, "shape": [stop - start, *shape[dim + 1 :]],
+                    "data_offsets": [first + start * inner, first + stop * inner]}  # fmt: skip
+            out = _read_tensor(path, part, self._data_start[path], dtype, self._staging_for(inner * (stop - start)))
+            return out.view(*shape[:dim], stop - start, *shape[dim + 1 :])
+        out = torch.empty([*shape[:dim], stop - start, *shape[dim + 1 :]], dtype=dtype or source)
+        row = shape[dim] * inner  # bytes of one index of the dimensions before `dim`
+        staging = self._staging_for(entry["data_offsets"][1] - first)
+        buffer = staging if staging.numel() >= row else torch.empty(row, dtype=torch.uint8)
+        dest = out.view(outer, stop - start, inner // source.itemsize)
+        _read_columns(path, self._data_start[path] + first, row, dest, source, start, buffer)
+        return out
+
     def _staging_for(self, nbytes: int) -> torch.Tensor:
         """The reader's one dtype-conversion buffer (uint8), grown to min(nbytes, _READ_CHUNK) if smaller:
         reused for every tensor, so no freed staging buffers fragment the heap (raising the peak)."""
@@ -155,6 +181,20 @@ def _read_tensor(path: Path, entry: dict, data_start: int, dtype: torch.dtype | 
             _read_into(f, buffer[:n].view(torch.uint8), n * source.itemsize)
             flat[start : start + n] = buffer[:n]
     return out
+
+
+def _read_columns(path: Path, offset: int, row: int, dest: torch.Tensor, source: torch.dtype, start: int,
+                  buffer: torch.Tensor) -> None:  # fmt: skip
+    """Fill dest (outer, n, inner) with [:, start:start + n, :] of the (outer, ·, inner) tensor at `offset`,
+    reading as many `row`-byte rows at a time as `buffer` holds."""
+    per_block = buffer.numel() // row
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        for first in range(0, dest.shape[0], per_block):
+            n = min(per_block, dest.shape[0] - first)
+            _read_into(f, buffer[: n * row], n * row)
+            block = buffer[: n * row].view(source).view(n, -1, dest.shape[2])
+            dest[first : first + n] = block[:, start : start + dest.shape[1]]
 
 
 def _read_into(f: Any, dest: torch.Tensor, nbytes: int) -> None:

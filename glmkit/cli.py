@@ -442,8 +442,15 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ImportError(f"glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]' ({err})") from err
 
-    name = args.served_model_name or args.model
     adapters = _lora_arguments(args.lora)
+    if adapters and _tensor_parallel_launch():
+        raise ValueError("--lora cannot be combined with a tensor-parallel (torchrun) launch yet")
+    if _tensor_parallel_launch() and int(os.environ["RANK"]) != 0:  # rank 0 serves, the others follow its steps
+        from .distributed.serve import follow
+
+        follow(_scheduler(args)[0])
+        return 0
+    name = args.served_model_name or args.model
     if name in adapters:
         raise ValueError(f"--lora {name} is the base model's served name")
     app = create_app(None, None, name, api_key=args.api_key or os.environ.get("GLMKIT_API_KEY"), max_model_len=None,
@@ -472,7 +479,29 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensor_parallel_launch() -> bool:
+    """Started by torchrun with several ranks: the model is split over them (tp_plan="auto")."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _load_scheduler(args: argparse.Namespace, server: Any, name: str, adapters: dict[str, str] | None = None) -> Any:
+    scheduler, model, tokenizer, max_model_len = _scheduler(args, adapters)
+    if _tensor_parallel_launch():
+        from .distributed.serve import lead
+
+        lead(scheduler)
+    scheduler.start()
+    server.attach(scheduler, tokenizer, max_model_len)
+    print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
+    return scheduler
+
+
+def _scheduler(args: argparse.Namespace, adapters: dict[str, str] | None = None) -> tuple[Any, Any, Any, int]:
+    """A scheduler, not started, with its model (split over the ranks of a torchrun launch, LoRA adapters
+    stacked in), tokenizer and max_model_len."""
     from .auto import AutoModelForCausalLM
     from .lora import load_adapters
     from .serve.scheduler import Scheduler
@@ -480,7 +509,8 @@ def _load_scheduler(args: argparse.Namespace, server: Any, name: str, adapters: 
 
     hub = hub_options(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, **hub)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device, **hub)
+    placement = {"tp_plan": "auto"} if _tensor_parallel_launch() else {"device_map": args.device}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, **placement, **hub)
     load_adapters(model, adapters or {})
     limit = getattr(model.config, "max_position_embeddings", None)
     max_model_len = args.max_model_len or limit
@@ -490,11 +520,7 @@ def _load_scheduler(args: argparse.Namespace, server: Any, name: str, adapters: 
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
     scheduler = Scheduler(model, tokenizer, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue_len,
                           max_model_len=max_model_len)  # fmt: skip
-    scheduler.start()
-    server.attach(scheduler, tokenizer, max_model_len)
-    print(f"serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    return scheduler
+    return scheduler, model, tokenizer, max_model_len
 
 
 # ---- perplexity / eval -------------------------------------------------------------------------------

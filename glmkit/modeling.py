@@ -145,11 +145,16 @@ class PreTrainedModel(nn.Module):
         quantization: str | None = None,
         quantization_config: dict | None = None,
         adapter: str | os.PathLike | None = None,
+        tp_plan: str | None = None,
+        tp_size: int | None = None,
+        device_mesh: Any = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
         `quantization="int8"|"int4"` (or an HF-style `quantization_config`) quantizes linears as they are read.
         `adapter=DIR` applies a PEFT LoRA adapter on top (QLoRA when quantized; see glmkit.lora).
+        `tp_plan="auto"` (or `tp_size=` / a `device_mesh=`) splits the model over the ranks of a torchrun
+        launch, each rank reading only its own slices (glmkit.distributed).
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
@@ -175,12 +180,25 @@ class PreTrainedModel(nn.Module):
             config._attn_implementation = check_attn_implementation(attn_implementation)
         reader = cls.adapt_checkpoint(release.reader if release is not None else WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
-        device = resolve_device(device_map)
+        tp_group = None
+        if tp_plan is not None or tp_size is not None or device_mesh is not None:
+            from .distributed import tensor_parallel_group
+
+            tp_group, device = tensor_parallel_group(tp_plan, tp_size, device_mesh, device_map)
+        else:
+            device = resolve_device(device_map)
         with torch.device("meta"):
             model = cls(config)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
+        if tp_group is not None and (quant is not None or adapter is not None):
+            raise ValueError("quantization and tensor parallelism (or LoRA adapters and tensor parallelism) cannot be combined yet: "
+                             "load with one of them")  # fmt: skip
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
+        if tp_group is not None:  # this rank's shards swapped in; the reader reads only their slices
+            from .distributed import shard_for_loading
+
+            reader = shard_for_loading(model, reader, tp_group, device)
         names = model._match_checkpoint(reader)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
@@ -280,13 +298,18 @@ class PreTrainedModel(nn.Module):
         Only safetensors is written (never pickles); `is_main_process=False` writes nothing (multi-process)."""
         if not safe_serialization:
             raise ValueError("glmkit saves safetensors only (safe_serialization=False would write a pickle)")
+        state = self.state_dict()
+        if getattr(self, "tp_shards", None) is not None:  # tensor parallel: every rank joins, the first writes
+            from .distributed import gather_state_dict
+
+            state = gather_state_dict(self)
+            is_main_process = is_main_process and state is not None
         if not is_main_process:
             return
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.torch_dtype = str(self.dtype).removeprefix("torch.")
-        state = self.state_dict()
         if getattr(self.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         # every weight file is written before anything in the directory changes; an interrupted save
@@ -304,7 +327,7 @@ class PreTrainedModel(nn.Module):
 
 _FROM_PRETRAINED_KWARGS = ("config", "dtype", "torch_dtype", "device_map", "attn_implementation", "quantization",
                            "quantization_config", "revision", "local_files_only", "cache_dir", "token",
-                           "adapter")  # fmt: skip
+                           "adapter", "tp_plan", "tp_size", "device_mesh")  # fmt: skip
 
 
 def _did_you_mean(name: str) -> str:

@@ -57,16 +57,17 @@ def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask:
 # ---- the compiled step ------------------------------------------------------------------------------
 
 
-def compile_options(options: dict[str, Any] | None, cuda: bool) -> dict[str, Any]:
+def compile_options(options: dict[str, Any] | None, cuda: bool, collectives: bool = False) -> dict[str, Any]:
     """torch.compile arguments: the caller's, else inductor with CUDA graphs on GPU (what mode
     "reduce-overhead" sets) and `emulate_precision_casts`, which rounds bf16/fp16 intermediates where eager
     does: without it the fused kernels keep them in fp32 and greedy bf16 tokens drift from the eager path's.
     The per-call stride checks are dropped: the step's inputs are built here, and on CPU the checks cost
     about as much as the small fused kernels. On CPU the graph is called through inductor's C++ wrapper
-    (2-20 % more tokens/s measured: less Python per step)."""
+    (2-20 % more tokens/s measured: less Python per step), except for a tensor-parallel model (`collectives`):
+    the C++ wrapper cannot call collective ops ("arg type Any is not yet supported", torch 2.13)."""
     options = dict(options or {})
     if not {"mode", "options", "backend"} & set(options):
-        device_options = {"triton.cudagraphs": True} if cuda else {"cpp_wrapper": True}
+        device_options = {"triton.cudagraphs": True} if cuda else {} if collectives else {"cpp_wrapper": True}
         options["options"] = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
                               **device_options}  # fmt: skip
         skip_model_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
@@ -86,7 +87,8 @@ def model_signature(model: Any) -> tuple:
 def compiled_step(model: Any, options: dict[str, Any] | None = None) -> Callable[..., torch.Tensor] | None:
     """`forward_tokens` under torch.compile (see `compile_options`), made once per model, options and
     `model_signature`; None where torch.compile is unavailable (the caller then runs eagerly)."""
-    options = compile_options(options, next(model.parameters()).device.type == "cuda")
+    cuda = next(model.parameters()).device.type == "cuda"
+    options = compile_options(options, cuda, collectives=getattr(model, "tp_group", None) is not None)
     key = repr(sorted(options.items()))
     per_model = _COMPILED.setdefault(model, {})
     signature = model_signature(model)

@@ -141,6 +141,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0}
+        # tensor parallel: (scheduler, stopping, admitted, cancelled) -> the same, as rank 0 decided them
+        self.sync: Callable[..., tuple[bool, list[_Sequence], set[str]]] | None = None
 
     # ---- the API (any thread) -----------------------------------------------------------------------
     def start(self) -> None:
@@ -247,15 +249,20 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._stopping and not (self._waiting or self._prefilling or self._running
-                                                      or self._cancelled):  # fmt: skip
-                        self._lock.wait(timeout=1.0)
-                    if self._stopping:
-                        return
-                    cancelled, self._cancelled = self._cancelled, set()
+                    while self._idle():
+                        if not self._lock.wait(timeout=1.0) and self.sync is not None:
+                            break  # a tensor-parallel leader broadcasts at least once a second
+                    stopping, cancelled, self._cancelled = self._stopping, self._cancelled, set()
+                    admitted = []
+                    while not stopping and self._waiting and self._active() + len(admitted) < self.max_num_seqs:
+                        admitted.append(self._waiting.popleft())
+                if self.sync is not None:  # tensor parallel: every rank runs the same steps (glmkit.distributed)
+                    stopping, admitted, cancelled = self.sync(self, stopping, admitted, cancelled)
+                if stopping:
+                    return
+                with self._lock:
+                    self._prefilling.extend(admitted)
                     self._drop_cancelled(cancelled)
-                    while self._waiting and self._active() < self.max_num_seqs:
-                        self._prefilling.append(self._waiting.popleft())
                 try:
                     self._step()
                 except Exception as err:  # noqa: BLE001 - a failed step must not end the server
@@ -263,6 +270,11 @@ class Scheduler:
                     for seq in [*self._prefilling, *self._running]:
                         self._finish(seq, "error", error=f"{type(err).__name__}: {err}")
                     self._prefilling, self._running, self._batch = [], [], None
+
+    def _idle(self) -> bool:
+        """Nothing to do. A tensor-parallel follower never idles here: it waits in the leader's broadcast."""
+        busy = self._stopping or self._waiting or self._prefilling or self._running or self._cancelled
+        return not busy and getattr(self.sync, "leader", True)
 
     def _drop_cancelled(self, ids: set[str]) -> None:
         if not ids:
