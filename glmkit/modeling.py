@@ -191,8 +191,8 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
         if tp_group is not None and (quant is not None or adapter is not None):
-            raise ValueError("quantization and tensor parallelism (or LoRA adapters and tensor parallelism) cannot be combined yet: "
-                             "load with one of them")  # fmt: skip
+            raise ValueError("quantization and tensor parallelism (or LoRA adapters and tensor parallelism) "
+                             "cannot be combined yet: load with one of them")  # fmt: skip
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
         if tp_group is not None:  # this rank's shards swapped in; the reader reads only their slices
