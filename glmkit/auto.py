@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import ConfigError, PretrainedConfig, read_config_dict
 from .hub import pop_hub_kwargs, resolve_checkpoint_dir
+from .quant.gguf import GGUFCheckpoint, gguf_file_path, is_gguf_path
 
 # model_type -> (module, config class, {task: class name})
 REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -83,6 +84,9 @@ class _AutoModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
         """Pick the family from config.json's model_type and load with that class's from_pretrained."""
+        if kwargs.get("gguf_file") is not None or is_gguf_path(name_or_path):  # the family is the GGUF's arch
+            path = gguf_file_path(name_or_path, kwargs.pop("gguf_file", None), **pop_hub_kwargs(kwargs))
+            return cls._class_for(GGUFCheckpoint(path).model_type).from_pretrained(path, **kwargs)
         directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))  # resolve a hub id once
         config = kwargs.get("config")
         model_type = config.model_type if config is not None else _config_for(directory)[0]

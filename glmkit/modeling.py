@@ -22,6 +22,7 @@ from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm, build_attention_mask
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
+from .quant.gguf import GGUFCheckpoint, gguf_file_path, is_gguf_path
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -142,24 +143,33 @@ class PreTrainedModel(nn.Module):
         attn_implementation: str | None = None,
         quantization: str | None = None,
         quantization_config: dict | None = None,
+        gguf_file: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
         `quantization="int8"|"int4"` (or an HF-style `quantization_config`) quantizes linears as they are read.
 
+        `gguf_file="model.Q8_0.gguf"` (or a path to a .gguf file) loads llama.cpp's format (glmkit.quant.gguf).
+
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
         """
-        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+        gguf = None
+        if gguf_file is not None or is_gguf_path(name_or_path):
+            gguf = GGUFCheckpoint(gguf_file_path(name_or_path, gguf_file, **pop_hub_kwargs(kwargs)))
+            directory, saved = gguf.path.parent, gguf.config_dict()
+        else:
+            directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+            saved = read_config_dict(directory)
         for ignored in IGNORED_LOADING_KWARGS:
             kwargs.pop(ignored, None)
         if config is None:
-            unknown = unknown_overrides(cls.config_class, read_config_dict(directory), kwargs)
+            unknown = unknown_overrides(cls.config_class, saved, kwargs)
             if unknown:
                 raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments "
                                 f"{', '.join(unknown)}: neither loading options nor fields of "
                                 f"{cls.config_class.__name__}{_did_you_mean(unknown[0])}")  # fmt: skip
-            config = cls.config_class.from_pretrained(directory, **kwargs)
+            config = cls.config_class.from_dict(saved, **kwargs)
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
@@ -168,7 +178,7 @@ class PreTrainedModel(nn.Module):
                     f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
                 )
             config._attn_implementation = attn_implementation
-        reader = cls.adapt_checkpoint(WeightReader(directory), config)
+        reader = gguf.weights(config) if gguf else cls.adapt_checkpoint(WeightReader(directory), config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         device = resolve_device(device_map)
         with torch.device("meta"):
@@ -176,6 +186,8 @@ class PreTrainedModel(nn.Module):
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
+        elif gguf:  # the file's int4 blocks go to int4 linears as they are
+            reader = reader.keep_int4(model, device)
         names = model._match_checkpoint(reader)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
@@ -183,7 +195,7 @@ class PreTrainedModel(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
-        if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
+        if not gguf and hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         return model.eval()
 
