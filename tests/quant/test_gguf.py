@@ -49,10 +49,14 @@ def gguf_name(hf_name: str) -> str:
 
 
 def add_tensor(writer, name: str, tensor: torch.Tensor, qtype) -> None:
-    """2-D weights in `qtype`, 1-D (norms, biases) in F32, as llama.cpp keeps them."""
+    """2-D weights in `qtype` (or `qtype(name)`), 1-D (norms, biases) in F32, as llama.cpp keeps them. K-quants,
+    which gguf-py cannot quantize, are crafted blocks (their values are not the checkpoint's)."""
     data = tensor.detach().float().numpy()
+    qtype = qtype(name) if callable(qtype) else qtype
     if data.ndim == 1 or qtype == T.F32:
         writer.add_tensor(name, data)
+    elif qtype in (T.Q4_K, T.Q6_K):
+        writer.add_tensor(name, crafted_blocks(qtype, *data.shape, seed=len(name)), raw_dtype=qtype)
     else:
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
@@ -139,7 +143,7 @@ def crafted_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     scale_at = {T.Q4_K: (0, 2), T.Q6_K: (size - 2,)}[qtype]
     for at in scale_at:
-        raw[..., at : at + 2] = (rng.random((rows, cols // block, 1)) * 0.01).astype(np.float16).view(np.uint8)
+        raw[..., at : at + 2] = (rng.random((rows, cols // block, 1)) * 1e-4).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -222,6 +226,32 @@ def test_glm_gguf_gives_the_checkpoint_logits(reference, tmp_path, qtype, fused_
     assert linears == ({Int4Linear} if qtype.name.startswith("Q4") else {torch.nn.Linear})
 
 
+def q4_k_m(name: str):
+    """llama.cpp's Q4_K_M mix, roughly: attn_v, ffn_down and the output in Q6_K, the rest Q4_K."""
+    return T.Q6_K if name.startswith(("output.", "blk.0.attn_v", "blk.0.ffn_down")) else T.Q4_K
+
+
+def test_q4_k_m_mix_gives_the_file_logits(tmp_path):
+    """K-quant super-blocks span 256 inputs: a model 256 wide, Q4_K kept as int4 (group 32), Q6_K dequantized."""
+    wide = dict(TINY, hidden_size=256, intermediate_size=256, head_dim=64)
+    ref, _ = reference_and_ours("glm", tmp_path / "wide", **wide)
+    path = write_glm_gguf(ref, tmp_path / "glm.Q4_K_M.gguf", q4_k_m)
+    ours = AutoModelForCausalLM.from_pretrained(path)
+    attn = ours.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, Int4Linear) and type(attn.v_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert_close(ours(IDS).logits, reference_with_file_weights(ref, path)(IDS).logits, rtol=1e-5, what="Q4_K_M")
+
+
+def test_bf16_with_int4_blocks(reference, tmp_path):
+    """bf16: the scales and zeros are rounded once to bf16; the logits stay near float32's."""
+    path = write_glm_gguf(reference, tmp_path / "glm.Q4_1.gguf", T.Q4_1)
+    fp32, bf16 = (AutoModelForCausalLM.from_pretrained(path, dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert bf16.model.layers[0].mlp.down_proj.scales_and_zeros.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert max_rel_diff(fp32(IDS).logits, bf16(IDS).logits) < 0.05
+
+
 def test_gguf_config_from_metadata(reference, tmp_path):
     path = write_glm_gguf(reference, tmp_path / "glm.gguf", T.F32)
     config = AutoModelForCausalLM.from_pretrained(path).config  # a .gguf path directly
@@ -253,6 +283,37 @@ def test_int4_linears_hold_the_file_values(reference, tmp_path):
     tensor = GGUFCheckpoint(path).tensors["blk.1.ffn_down.weight"]
     expected = gguf.quants.dequantize(np.asarray(tensor.data), T.Q4_0).reshape(64, 128)
     assert torch.equal(ours.model.layers[1].mlp.down_proj.dequantized_weight(), torch.from_numpy(expected))
+
+
+def test_read_tensor_by_tensor_never_the_model_in_float(reference, tmp_path, monkeypatch):
+    """Q4 linears never exist in float; with quantization="int8" a Q8_0 file's float copies live one at a time."""
+    import weakref
+
+    import glmkit.quant.gguf as reader
+
+    alive: list[weakref.ref] = []
+    floats: list[str] = []
+    most = 0
+    original = reader.dequantized
+
+    def watched(tensor, rows, dtype):
+        nonlocal most
+        out = original(tensor, rows, dtype)
+        alive[:] = [r for r in alive if r() is not None]
+        if out.dim() == 2 and tensor.name.startswith("blk."):
+            alive.append(weakref.ref(out))
+            floats.append(tensor.name)
+        most = max(most, len(alive))
+        return out
+
+    monkeypatch.setattr(reader, "dequantized", watched)
+    AutoModelForCausalLM.from_pretrained(write_glm_gguf(reference, tmp_path / "glm.Q4_0.gguf", T.Q4_0))
+    assert floats == []
+    AutoModelForCausalLM.from_pretrained(write_glm_gguf(reference, tmp_path / "glm.Q8_0.gguf", T.Q8_0),
+                                         quantization="int8")  # fmt: skip
+    assert len(floats) == 12 and most == 1  # 2 layers x 6 linears
+    AutoModelForCausalLM.from_pretrained(tmp_path / "glm.Q8_0.gguf")
+    assert most > 1, "the watch must see a plain load keep every weight"
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
