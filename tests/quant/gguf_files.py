@@ -21,7 +21,6 @@ LAYER_NAMES = {  # the converter's tensor map for GlmForCausalLM (gguf-py tensor
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-
 def gguf_name(hf_name: str) -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem in GLOBAL_NAMES:
