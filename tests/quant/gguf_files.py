@@ -1,6 +1,6 @@
 """GGUF files laid out as llama.cpp's converter (convert_hf_to_gguf.py, ChatGLMModel: arch "chatglm") writes
 a GLM-4 `GlmForCausalLM` checkpoint, built with the `gguf` package's writer and quantizer (tests/quant/test_gguf.py
-and benchmarks/gguf.py)."""
+and benchmarks/gguf_import.py)."""
 
 from __future__ import annotations
 
