@@ -82,36 +82,43 @@ class GGUFCheckpoint:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as err:  # not a GGUF file, or truncated: say which
             raise CheckpointError(f"cannot read GGUF file {self.path}: {err}") from err
-        self.arch = str(self.field("general.architecture"))
+        self.arch = str(self.field("general.architecture", required=True))
         if self.arch not in _ARCHS:
             why = _NOT_FAMILIES.get(self.arch, f"glmkit reads: {', '.join(_ARCHS)}")
             raise CheckpointError(f"GGUF architecture {self.arch!r} in {self.path} is not supported: {why}")
         self.model_type = _ARCHS[self.arch]
         self.tensors = {t.name: t for t in self.reader.tensors}
 
-    def field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key.format(arch=getattr(self, "arch", "")))
+    def field(self, key: str, default: Any = None, required: bool = False) -> Any:
+        """The metadata value `key` ("{arch}" stands for the architecture); a required one raises if absent."""
+        key = key.replace("{arch}", getattr(self, "arch", ""))
+        field = self.reader.get_field(key)
+        if field is None and required:
+            raise CheckpointError(f"GGUF file {self.path} lacks the metadata key {key}")
         return default if field is None else field.contents()
 
     def config_dict(self) -> dict[str, Any]:
         """GlmConfig keys from the `chatglm.*` metadata (the converter writes no head_dim: hidden / heads)."""
-        hidden, heads = self.field("{arch}.embedding_length"), self.field("{arch}.attention.head_count")
+        hidden = self.field("{arch}.embedding_length", required=True)
+        heads = self.field("{arch}.attention.head_count", required=True)
         head_dim = self.field("{arch}.attention.key_length", hidden // heads)
+        if "token_embd.weight" not in self.tensors:
+            raise CheckpointError(f"GGUF file {self.path} has no token_embd.weight tensor")
         eos = [i for i in (self.field("tokenizer.ggml.eos_token_id"), self.field("tokenizer.ggml.eot_token_id"))
                if i is not None]  # fmt: skip
         return {
             "model_type": self.model_type,
             "vocab_size": int(self.tensors["token_embd.weight"].shape[1]),
             "hidden_size": hidden,
-            "intermediate_size": self.field("{arch}.feed_forward_length"),
-            "num_hidden_layers": self.field("{arch}.block_count"),
+            "intermediate_size": self.field("{arch}.feed_forward_length", required=True),
+            "num_hidden_layers": self.field("{arch}.block_count", required=True),
             "num_attention_heads": heads,
             "num_key_value_heads": self.field("{arch}.attention.head_count_kv", heads),
             "head_dim": head_dim,
             "partial_rotary_factor": self.field("{arch}.rope.dimension_count", head_dim // 2) / head_dim,
-            "rms_norm_eps": self.field("{arch}.attention.layer_norm_rms_epsilon"),
+            "rms_norm_eps": self.field("{arch}.attention.layer_norm_rms_epsilon", required=True),
             "rope_theta": self.field("{arch}.rope.freq_base", 10000.0),
-            "max_position_embeddings": self.field("{arch}.context_length"),
+            "max_position_embeddings": self.field("{arch}.context_length", required=True),
             "attention_bias": "blk.0.attn_q.bias" in self.tensors or "blk.0.attn_qkv.bias" in self.tensors,
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "eos_token_id": list(dict.fromkeys(eos)) or None,
@@ -188,9 +195,10 @@ class GGUFWeights:
         Q4_0 / Q4_1 / Q4_K tensor of a shape the CPU kernel takes; the rest stays float."""
         if device.type != "cpu":
             return self
+        mapping, _ = model._checkpoint_name_map(self.keys())  # ours -> the reader's (a base model lacks "model.")
         for module_name, module in list(model.named_modules()):
-            name = f"{module_name}.weight"
-            if not isinstance(module, nn.Linear) or name not in self._entries:
+            name = mapping.get(f"{module_name}.weight")
+            if not isinstance(module, nn.Linear) or name is None:
                 continue
             if self._entries[name][0].tensor_type.name not in _INT4_TYPES or not _int4_shape_ok(module):
                 continue

@@ -233,6 +233,8 @@ def test_tokenizer_from_gguf_equals_the_source_tokenizer(tmp_path):
     prompt = ours("ROMEO:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert_close(loaded(prompt).logits, model(prompt).logits, rtol=1e-5, what="bundled GLM from GGUF")
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=12, do_sample=False),
+                       model.generate(prompt, max_new_tokens=12, do_sample=False))  # fmt: skip
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
@@ -268,6 +270,24 @@ def test_missing_gguf_file(reference, tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="junk.gguf"):
         AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="junk.gguf")
+
+
+def test_missing_metadata_is_reported(tmp_path):
+    path = write_tensors(tmp_path / "x.gguf", {"token_embd.weight": (np.zeros((8, 4), np.float32), T.F32)})
+    with pytest.raises(CheckpointError, match="lacks the metadata key chatglm.embedding_length"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_base_model_keeps_int4(reference, tmp_path):
+    """AutoModel (no lm_head, no "model." prefix) maps the file's names the same way."""
+    from glmkit import AutoModel
+
+    path = write_glm_gguf(reference, tmp_path / "glm.Q4_0.gguf", T.Q4_0)
+    base = AutoModel.from_pretrained(path)
+    assert isinstance(base.layers[0].mlp.down_proj, Int4Linear)
+    full = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, full.model(IDS).last_hidden_state)
 
 
 def test_missing_tensor_is_reported(reference, tmp_path):
