@@ -6,9 +6,9 @@ import importlib
 import os
 from typing import Any
 
-from .config import ConfigError, PretrainedConfig, read_config_dict
-from .hub import pop_hub_kwargs, resolve_checkpoint_dir
-from .models.adept import open_release
+from .config import ConfigError, PretrainedConfig
+from .hub import pop_hub_kwargs
+from .sources import open_source
 
 # model_type -> (module, config class, {task: class name})
 REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -49,10 +49,8 @@ def _family(model_type: Any) -> tuple[Any, dict[str, str]]:
     return module, {"config": config_name, **tasks}
 
 
-def _config_for(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> tuple[str, dict[str, Any]]:
-    directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
-    release = open_release(directory)  # Adept's original Persimmon release has no config.json
-    data = release.config if release is not None else read_config_dict(directory)
+def _config_for(name_or_path: Any, **hub_kwargs: Any) -> tuple[str, dict[str, Any]]:
+    data = open_source(name_or_path, **hub_kwargs).config
     if "model_type" not in data:
         raise ConfigError(f"config.json in {name_or_path} has no model_type; cannot pick a model family")
     return data["model_type"], data
@@ -86,10 +84,10 @@ class _AutoModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
         """Pick the family from config.json's model_type and load with that class's from_pretrained."""
-        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))  # resolve a hub id once
+        source = open_source(name_or_path, kwargs.pop("gguf_file", None), **pop_hub_kwargs(kwargs))  # opened once
         config = kwargs.get("config")
-        model_type = config.model_type if config is not None else _config_for(directory)[0]
-        return cls._class_for(model_type).from_pretrained(directory, **kwargs)
+        model_type = config.model_type if config is not None else _config_for(source)[0]
+        return cls._class_for(model_type).from_pretrained(source, **kwargs)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, **kwargs: Any):

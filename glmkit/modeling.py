@@ -17,13 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from .attn_backends import FLASH, check_attn_implementation, flash_mask
 from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
-from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, read_config_dict, unknown_overrides
+from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, unknown_overrides
 from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
-from .hub import pop_hub_kwargs, resolve_checkpoint_dir
+from .hub import pop_hub_kwargs
 from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
-from .models.adept import open_release
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
+from .sources import open_source
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -148,6 +148,7 @@ class PreTrainedModel(nn.Module):
         tp_plan: str | None = None,
         tp_size: int | None = None,
         device_mesh: Any = None,
+        gguf_file: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a checkpoint directory: built on the meta device, weights assigned once, no double copy.
@@ -155,30 +156,28 @@ class PreTrainedModel(nn.Module):
         `adapter=DIR` applies a PEFT LoRA adapter on top (QLoRA when quantized; see glmkit.lora).
         `tp_plan="auto"` (or `tp_size=` / a `device_mesh=`) splits the model over the ranks of a torchrun
         launch, each rank reading only its own slices (glmkit.distributed).
+        `gguf_file="model.Q8_0.gguf"` (or a path to a .gguf file) loads llama.cpp's format (glmkit.quant.gguf);
+        a directory holding Adept's original Persimmon release loads too (glmkit.models.adept).
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
         """
-        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+        source = open_source(name_or_path, gguf_file, **pop_hub_kwargs(kwargs))
         for ignored in IGNORED_LOADING_KWARGS:
             kwargs.pop(ignored, None)
-        release = open_release(directory)  # Adept's original Persimmon release: read without running its code
-        if release is not None and cls.config_class.model_type != release.config["model_type"]:
-            raise CheckpointError(f"{directory} is Adept's Persimmon release: load it with a Persimmon class")
-        if release is not None and config is None:
-            config = cls.config_class.from_dict(release.config, **kwargs)
-        elif config is None:
-            unknown = unknown_overrides(cls.config_class, read_config_dict(directory), kwargs)
+        source.check_family(cls.config_class.model_type, cls.__name__)
+        if config is None:
+            unknown = unknown_overrides(cls.config_class, source.config, kwargs)
             if unknown:
                 raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments "
                                 f"{', '.join(unknown)}: neither loading options nor fields of "
                                 f"{cls.config_class.__name__}{_did_you_mean(unknown[0])}")  # fmt: skip
-            config = cls.config_class.from_pretrained(directory, **kwargs)
+            config = cls.config_class.from_dict(source.config, **kwargs)
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
             config._attn_implementation = check_attn_implementation(attn_implementation)
-        reader = cls.adapt_checkpoint(release.reader if release is not None else WeightReader(directory), config)
+        reader = source.reader(cls, config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
         tp_group = None
         if tp_plan is not None or tp_size is not None or device_mesh is not None:
@@ -190,11 +189,13 @@ class PreTrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
-        if tp_group is not None and (quant is not None or adapter is not None):
-            raise ValueError("quantization and tensor parallelism (or LoRA adapters and tensor parallelism) "
-                             "cannot be combined yet: load with one of them")  # fmt: skip
+        if tp_group is not None and (quant is not None or adapter is not None or source.kind == "gguf"):
+            raise ValueError("quantization and tensor parallelism cannot be combined yet (nor GGUF files or LoRA "
+                             "adapters with tensor parallelism): load with one of them")  # fmt: skip
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
+        elif source.kind == "gguf":  # the file's int4 blocks go to int4 linears as they are
+            reader = reader.keep_int4(model, device)
         if tp_group is not None:  # this rank's shards swapped in; the reader reads only their slices
             from .distributed import shard_for_loading
 
@@ -206,8 +207,9 @@ class PreTrainedModel(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
-        if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
-            model.generation_config = GenerationConfig.from_pretrained(directory)
+        generation_file = source.directory / GENERATION_CONFIG_NAME
+        if source.kind != "gguf" and hasattr(model, "generation_config") and generation_file.is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source.directory)
         if adapter is not None:
             model.load_adapter(adapter)
         return model.eval()

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat as _chat
+from ..quant.gguf import gguf_file_path, is_gguf_path
 from .base import Tokenizer, _load_init_kwargs, _read_json, _resolve_dir
 from .fast import FastTokenizer, LlamaTokenizerFast, XGLMTokenizerFast
+from .gguf import gguf_tokenizer
 from .glm4 import GLM4_GMASK, ChatGLM4Tokenizer, _is_tiktoken_file
 from .sentencepiece import LlamaTokenizer, XGLMTokenizer
 
@@ -46,8 +48,13 @@ class AutoTokenizer:
         """Load the tokenizer shipped in `pretrained_model_name_or_path`.
 
         tokenizer.json wins when present (unless use_fast=False and a slow vocabulary exists);
-        otherwise the sentencepiece model or the GLM-4 tiktoken-format `tokenizer.model` is used.
+        otherwise the sentencepiece model or the GLM-4 tiktoken-format `tokenizer.model` is used;
+        `gguf_file=` (or a path to a .gguf file) builds the tokenizer a GGUF file carries.
         """
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None or is_gguf_path(pretrained_model_name_or_path):
+            hub = {k: v for k, v in kwargs.items() if k in _LOADING_KWARGS}
+            return gguf_tokenizer(gguf_file_path(pretrained_model_name_or_path, gguf_file, **hub))
         return _load(None, pretrained_model_name_or_path, kwargs, use_fast)
 
 
