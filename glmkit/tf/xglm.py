@@ -168,6 +168,10 @@ class TFXGLMPreTrainedModel(keras.Model):
         self.model = TFXGLMMainLayer(config, name="model")
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    def __call__(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Keras needs a first argument; `model(inputs_embeds=...)` passes input_ids=None (the reference's call)."""
+        return super().__call__(input_ids, *args, **kwargs)
+
     def build_weights(self) -> None:
         """Create every variable under the reference's names by one call on a dummy token."""
         enc = tf.zeros((1, 1, self.config.d_model)) if self.config.add_cross_attention else None
