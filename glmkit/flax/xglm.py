@@ -245,9 +245,8 @@ class FlaxXGLMPreTrainedModel:
         """Random params (normal(init_std) kernels); cross-attention ones too when the config has it."""
         ids = jnp.zeros((1, 1), jnp.int32)
         enc = jnp.zeros((1, 1, self.config.d_model), self.dtype) if self.config.add_cross_attention else None
-        return self.module.init(rng, ids, ids, ids + 1, encoder_hidden_states=enc, encoder_attention_mask=ids + 1)[
-            "params"
-        ]
+        variables = self.module.init(rng, ids, ids, ids + 1, encoder_hidden_states=enc, encoder_attention_mask=ids + 1)
+        return variables["params"]
 
     def param_shapes(self) -> dict:
         return jax.eval_shape(lambda: self.init_weights(jax.random.PRNGKey(0)))
@@ -262,10 +261,10 @@ class FlaxXGLMPreTrainedModel:
     def _inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        input_ids = np.asarray(input_ids) if input_ids is not None else None
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if input_ids is not None:
-            ids = np.asarray(input_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        if input_ids is not None and input_ids.size:
+            if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size)")
         start = int(past_key_values["index"]) if past_key_values is not None else 0
         if position_ids is None:  # the reference's arange; continued from the cache

@@ -181,10 +181,10 @@ class TFXGLMPreTrainedModel(keras.Model):
                  encoder_hidden_states, encoder_attention_mask):  # fmt: skip
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        input_ids = np.asarray(input_ids) if input_ids is not None else None
         B, T = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
-        if input_ids is not None:
-            ids = np.asarray(input_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        if input_ids is not None and input_ids.size:
+            if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size)")
         past_len = int(past_key_values[0][0].shape[2]) if past_key_values is not None else 0
         if position_ids is None:  # the reference's: continued from the cache, blind to the mask
