@@ -1,5 +1,7 @@
 """glmkit: GLM-4, XGLM and Persimmon in plain PyTorch, loading the checkpoints people already have."""
 
+import importlib
+
 __version__ = "0.1.0"
 
 from .auto import (
@@ -88,3 +90,19 @@ __all__ = [
     "perplexity",
     "score",
 ]
+
+# XGLM in TensorFlow / Flax: imported on first use, so the PyTorch install needs neither stack
+_OPTIONAL_STACKS = {
+    "TFXGLMModel": "tf", "TFXGLMForCausalLM": "tf", "FlaxXGLMModel": "flax", "FlaxXGLMForCausalLM": "flax",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    extra = _OPTIONAL_STACKS.get(name)
+    if extra is None:
+        raise AttributeError(f"module 'glmkit' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{extra}", __name__)
+    except ImportError as err:
+        raise ImportError(f"glmkit.{name} needs the {extra} extra: pip install 'glmkit[{extra}]' ({err})") from err
+    return getattr(module, name)

@@ -1,0 +1,115 @@
+"""What the TensorFlow and Flax XGLM ports (glmkit.tf, glmkit.flax) share with the PyTorch model, as numpy.
+
+The position table comes from the PyTorch model's own `sinusoidal_positions`, the config from XGLMConfig,
+the decoding settings from GenerationConfig, and checkpoints are found by the same code: only the
+framework maths lives in the ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import CheckpointError, find_weight_files
+from .generation.config import DEFAULTS, GENERATION_CONFIG_NAME, GenerationConfig
+from .hub import pop_hub_kwargs, resolve_checkpoint_dir
+from .models.xglm import POSITION_OFFSET, XGLMConfig, sinusoidal_positions
+
+# decoding settings the TF / Flax `generate` implement; any other non-default setting is refused by name
+GENERATE_SETTINGS = frozenset({
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+    "bos_token_id", "num_beams", "num_return_sequences", "use_cache",
+})  # fmt: skip
+
+
+def position_table(config: XGLMConfig) -> np.ndarray:
+    """(max_position_embeddings + 2, d_model) fp32: row r is the PyTorch model's sinusoid for position
+    r - 2, so `table[position_ids + 2]` is what the reference TF / Flax classes look up."""
+    import torch
+
+    rows = torch.arange(config.max_position_embeddings + POSITION_OFFSET)[None] - POSITION_OFFSET
+    return sinusoidal_positions(rows, config.d_model, config.pad_token_id)[0].numpy()
+
+
+def check_positions(position_ids: np.ndarray, config: XGLMConfig) -> None:
+    """The ports look positions up in a fixed table: one past it is an error here, not a silent clamp."""
+    ids = np.asarray(position_ids)
+    if ids.size and (ids.min() < -1 or ids.max() >= config.max_position_embeddings):
+        raise ValueError(
+            f"position ids must lie in [-1, {config.max_position_embeddings - 1}] (max_position_embeddings), "
+            f"got [{ids.min()}, {ids.max()}]"
+        )
+
+
+def checkpoint_dir(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Path:
+    """A local checkpoint directory (hub ids resolved as for the PyTorch models); pops the hub keywords."""
+    return resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+
+
+def generation_config(directory: Path, config: XGLMConfig) -> GenerationConfig:
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        return GenerationConfig.from_pretrained(directory)
+    return GenerationConfig.from_model_config(config)
+
+
+def resolve_generation(base: GenerationConfig, prompt_length: int, kwargs: dict[str, Any]) -> tuple[Any, int]:
+    """(validated settings, total length) for one `generate` call; refuses settings the ports lack."""
+    gen = base.update(**kwargs)
+    gen.validate()
+    unsupported = sorted(k for k, v in DEFAULTS.items() if k not in GENERATE_SETTINGS and getattr(gen, k) != v)
+    if unsupported or gen.num_beams != 1 or gen.num_return_sequences != 1:
+        raise NotImplementedError(
+            f"the TensorFlow / Flax generate supports greedy and sampling (temperature, top_k, top_p) only; "
+            f"unsupported settings: {unsupported or ['num_beams / num_return_sequences']}"
+        )
+    total = prompt_length + gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
+    if total <= prompt_length:
+        raise ValueError(f"nothing to generate: the prompt has {prompt_length} tokens and max_length is {total}")
+    return gen, total
+
+
+def eos_ids(gen: Any) -> list[int]:
+    eos = gen.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def read_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    """The PyTorch-layout weights (HF names) as numpy: safetensors through safetensors' numpy API;
+    `.bin` only through torch.load(weights_only=True); bf16 (which numpy lacks) via torch as fp32."""
+    state: dict[str, np.ndarray] = {}
+    for path in find_weight_files(directory):
+        try:
+            state.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path))
+        except CheckpointError:
+            raise
+        except Exception as err:  # corrupt or foreign file: say which
+            raise CheckpointError(f"cannot read weights from {path}: {err}") from err
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    if any(isinstance(e, dict) and e.get("dtype") == "BF16" for e in header.values()):
+        return _read_bin(path)
+    return load_file(str(path))
+
+
+def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise CheckpointError(f"reading {path.name} needs torch (pip install torch)") from err
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    else:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}

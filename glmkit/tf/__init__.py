@@ -1,0 +1,5 @@
+"""XGLM in TensorFlow (`pip install glmkit[tf]`): TFXGLMModel, TFXGLMForCausalLM (Keras 2 through tf-keras)."""
+
+from .xglm import TFXGLMForCausalLM, TFXGLMModel, TFXGLMPreTrainedModel
+
+__all__ = ["TFXGLMForCausalLM", "TFXGLMModel", "TFXGLMPreTrainedModel"]
