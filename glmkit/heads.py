@@ -85,6 +85,7 @@ class ForCausalLM(GenerationMixin, _HeadModel):
     """Language-model head on the last hidden states; `logits_to_keep` limits which positions get logits."""
 
     output_class: ClassVar[type[ModelOutput]] = CausalLMOutputWithPast
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
 
     def __init__(self, config: Any):
         super().__init__(config)

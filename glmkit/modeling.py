@@ -22,12 +22,21 @@ from .hub import pop_hub_kwargs, resolve_checkpoint_dir
 from .layers import RMSNorm, build_attention_mask
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
+from .reference_api import (
+    LoadingOptions,
+    ModelAPIMixin,
+    StateDictReader,
+    check_attn_implementation,
+    loading_device,
+    read_weight,
+    report_or_keep,
+)
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(ModelAPIMixin, nn.Module):
     """Base class. Subclasses set `config_class`, build their modules in `__init__(config)` and call
     `self.post_init()` last."""
 
@@ -122,7 +131,7 @@ class PreTrainedModel(nn.Module):
         """A randomly initialised model (dtype / attn_implementation accepted as in from_pretrained)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if kwargs.get("attn_implementation"):
-            config._attn_implementation = kwargs.pop("attn_implementation")
+            config._attn_implementation = check_attn_implementation(kwargs.pop("attn_implementation"))
         kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_config() got unexpected keyword arguments {', '.join(sorted(kwargs))}"
@@ -133,7 +142,7 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
         *,
         config: PretrainedConfig | None = None,
         dtype: str | torch.dtype | None = None,
@@ -148,9 +157,16 @@ class PreTrainedModel(nn.Module):
         `quantization="int8"|"int4"` (or an HF-style `quantization_config`) quantizes linears as they are read.
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
-        the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
+        the weights (missing, unexpected, wrong shape) is raised before any tensor is read, unless asked to
+        report it instead (`output_loading_info=True` / `strict=False`, `ignore_mismatched_sizes=True`: see
+        LoadingOptions). `state_dict=` with `config=` loads without a checkpoint directory.
         """
-        directory = resolve_checkpoint_dir(name_or_path, **pop_hub_kwargs(kwargs))
+        options = LoadingOptions.pop_from(kwargs)
+        if pretrained_model_name_or_path is None and (config is None or options.state_dict is None):
+            raise ValueError("from_pretrained needs a checkpoint path, or config= and state_dict= without one")
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        directory = None if pretrained_model_name_or_path is None else resolve_checkpoint_dir(
+            pretrained_model_name_or_path, **hub_kwargs)
         for ignored in IGNORED_LOADING_KWARGS:
             kwargs.pop(ignored, None)
         if config is None:
@@ -163,29 +179,26 @@ class PreTrainedModel(nn.Module):
         elif kwargs:
             raise TypeError(f"unexpected keyword arguments with an explicit config: {sorted(kwargs)}")
         if attn_implementation is not None:
-            if attn_implementation not in ("sdpa", "eager"):
-                raise ValueError(
-                    f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
-                )
-            config._attn_implementation = attn_implementation
-        reader = cls.adapt_checkpoint(WeightReader(directory), config)
+            config._attn_implementation = check_attn_implementation(attn_implementation)
+        source = WeightReader(directory) if options.state_dict is None else StateDictReader(options.state_dict)
+        reader = cls.adapt_checkpoint(source, config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
-        device = resolve_device(device_map)
+        device = loading_device(resolve_device(device_map), device_map)
         with torch.device("meta"):
             model = cls(config)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
-        names = model._match_checkpoint(reader)
+        names = model._match_checkpoint(reader, options)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
-            state[ours] = reader.get(theirs, dtype=target_dtype).to(device)
+            state[ours] = read_weight(reader, theirs, target_dtype, device)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
-        if hasattr(model, "generation_config") and (directory / GENERATION_CONFIG_NAME).is_file():
+        if hasattr(model, "generation_config") and directory and (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
-        return model.eval()
+        return (model.eval(), options.report) if options.output_loading_info else model.eval()
 
     @classmethod
     def adapt_checkpoint(cls, reader: WeightReader, config: PretrainedConfig) -> WeightReader:
@@ -211,7 +224,7 @@ class PreTrainedModel(nn.Module):
                 unmatched.append(name)
         return mapping, unmatched
 
-    def _match_checkpoint(self, reader: WeightReader) -> dict[str, str]:
+    def _match_checkpoint(self, reader: WeightReader, options: LoadingOptions | None = None) -> dict[str, str]:
         mapping, unmatched = self._checkpoint_name_map(reader.keys())
         # top-level head names we lack belong to another head (lm_head vs score): skip those
         unexpected = [n for n in unmatched if n.split(".", 1)[0] not in HEAD_NAMES]
@@ -225,18 +238,23 @@ class PreTrainedModel(nn.Module):
         fresh = [n for n in missing if n.startswith(self.init_if_missing)] if self.init_if_missing else []
         missing = [n for n in missing if n not in fresh]
         params = self.state_dict()
-        wrong = [
-            f"{ours} (checkpoint {tuple(reader.shape(theirs))}, model {tuple(params[ours].shape)})"
+        wrong = {
+            ours: f"{ours} (checkpoint {tuple(reader.shape(theirs))}, model {tuple(params[ours].shape)})"
             for ours, theirs in mapping.items()
             if tuple(reader.shape(theirs)) != tuple(params[ours].shape)
-        ]
+        }
+        options = options or LoadingOptions()
+        mapping, missing, unexpected, wrong = report_or_keep(options, type(self).__name__, mapping, missing,
+                                                             unexpected, wrong)  # fmt: skip
+        options.report["missing_keys"] += fresh
+        options.report["unexpected_keys"] += skipped
         problems = []
         if missing:
             problems.append(f"missing weights: {', '.join(missing)}")
         if unexpected:
             problems.append(f"unexpected weights: {', '.join(sorted(unexpected))}")
         if wrong:
-            problems.append(f"wrong shapes: {', '.join(wrong)}")
+            problems.append(f"wrong shapes: {', '.join(wrong.values())}")
         if problems:
             raise CheckpointError(
                 f"checkpoint in {reader.directory} does not fit {type(self).__name__}: " + "; ".join(problems)
