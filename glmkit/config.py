@@ -241,13 +241,13 @@ class PretrainedConfig(ConfigAPIMixin):
         return cls(**data)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
         """Read config.json from a checkpoint directory, a hub id (revision=, token=, … accepted) or a path
         to the json file itself."""
         from .hub import pop_hub_kwargs
 
         hub_kwargs = pop_hub_kwargs(overrides)
-        return cls.from_dict(read_config_dict(name_or_path, **hub_kwargs), **overrides)
+        return cls.from_dict(read_config_dict(pretrained_model_name_or_path, **hub_kwargs), **overrides)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()

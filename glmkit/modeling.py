@@ -28,6 +28,7 @@ from .reference_api import (
     StateDictReader,
     check_attn_implementation,
     loading_device,
+    mask_from_4d,
     read_weight,
     report_or_keep,
 )
@@ -61,6 +62,8 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         if next(self.parameters()).device.type != "meta":
             self.apply(self._init_weights)
         self.tie_weights()
+        if getattr(self.config, "gradient_checkpointing", False):  # older configs switch it on this way
+            self.gradient_checkpointing_enable()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", getattr(self.config, "init_std", 0.02))
@@ -99,11 +102,14 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in backward: less memory for more compute when training.
-        Checkpointing is always non-reentrant; `gradient_checkpointing_kwargs` may only say so."""
-        extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if (k, v) != ("use_reentrant", False)}
-        if extra:
-            raise ValueError(f"glmkit checkpoints layers non-reentrantly only; unsupported options: {extra}")
+        Non-reentrant unless `gradient_checkpointing_kwargs={"use_reentrant": True}` (torch's older mode, which
+        needs an input that requires grad: see enable_input_require_grads)."""
+        options = dict(gradient_checkpointing_kwargs or {})
+        reentrant = options.pop("use_reentrant", False)
+        if options:
+            raise ValueError(f"gradient_checkpointing_kwargs: glmkit takes only use_reentrant; got {options}")
         self.base_model.gradient_checkpointing = True
+        self.base_model.gradient_checkpointing_reentrant = bool(reentrant)
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing = False
@@ -233,7 +239,9 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
             logger.warning(
                 "%s: ignoring checkpoint weights of another head: %s", type(self).__name__, ", ".join(skipped)
             )
-        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        # a tied lm_head is loaded with its embedding (and missing with it)
+        embedding_found = any(n.endswith("embed_tokens.weight") for n in mapping)
+        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) and embedding_found else set()
         missing = sorted(set(self.state_dict()) - set(mapping) - tied)
         fresh = [n for n in missing if n.startswith(self.init_if_missing)] if self.init_if_missing else []
         missing = [n for n in missing if n not in fresh]
@@ -383,6 +391,7 @@ class LayerTrace:
     hidden_states: bool = False
     attentions: bool = False
     checkpointing: bool = False  # recompute each layer in backward
+    reentrant: bool = False  # torch's reentrant checkpointing (asked for by gradient_checkpointing_kwargs)
     layerdrop: float | None = None  # XGLM: skip a layer with this probability (drawn at every layer)
     all_hidden: list[torch.Tensor] = field(default_factory=list)
     all_attentions: list[torch.Tensor | None] = field(default_factory=list)
@@ -404,7 +413,7 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, args: tuple, trace: Layer
         if trace.layerdrop is not None and torch.rand([]) < trace.layerdrop:
             continue
         if trace.checkpointing:
-            out = checkpoint(layer, x, *args, trace.attentions, use_reentrant=False)
+            out = checkpoint(layer, x, *args, trace.attentions, use_reentrant=trace.reentrant)
         else:
             out = layer(x, *args, trace.attentions)
         x = out[0]
@@ -458,6 +467,7 @@ class DecoderModel(PreTrainedModel):
             hidden_states=cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
             attentions=cfg.output_attentions if output_attentions is None else output_attentions,
             checkpointing=self.gradient_checkpointing and self.training,
+            reentrant=getattr(self, "gradient_checkpointing_reentrant", False),
         )
         x = self._embed_inputs(input_ids, inputs_embeds)
         B, T, _ = x.shape
@@ -471,6 +481,9 @@ class DecoderModel(PreTrainedModel):
             warn_past_context(self, past + T, "the input")
         else:
             position_ids = self._check_position_ids(position_ids, B, T)
+        custom_mask = None
+        if attention_mask is not None and getattr(attention_mask, "ndim", 2) == 4:  # the caller's whole mask
+            custom_mask, attention_mask = mask_from_4d(attention_mask, B, T, past + T), None
         if attention_mask is not None:
             # a padding-only row in a batch is allowed (its outputs are meaningless, the others' are right); a
             # mask with no token at all is a mistake. Incremental decoding may start on an all-padding chunk.
@@ -483,6 +496,7 @@ class DecoderModel(PreTrainedModel):
             mask = cache.attention_mask(T)
         else:
             mask = build_attention_mask(attention_mask, cache_position, past + T, B)
+        mask = mask if custom_mask is None else custom_mask
         x = self.core(x, position_ids, mask, cache, trace, **core_extra)
         fields = dict(
             last_hidden_state=x,

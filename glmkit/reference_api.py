@@ -91,12 +91,14 @@ class ModelAPIMixin:
             return old
         size = old.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of is not None:
-            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            multiple = pad_to_multiple_of
+            if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple <= 0:
+                raise ValueError(f"Asking to pad the embedding matrix to a multiple of `{multiple}`, which is not "
+                                 "and integer. Please make sure to pass an integer")  # fmt: skip
             size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
-        new = nn.Embedding(size, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
-                           dtype=old.weight.dtype)  # fmt: skip
-        new.weight.data = _resized_rows(old.weight.data, size, mean_resizing, self._init_std())
+        new = copy.deepcopy(old)  # the same class (XGLM's scaled embedding) and settings
+        new.weight = nn.Parameter(_resized_rows(old.weight.data, size, mean_resizing, self._init_std()))
+        new.num_embeddings = size
         self.set_input_embeddings(new)
         head = self.get_output_embeddings()
         if head is not None and not getattr(self.config, "tie_word_embeddings", False):
@@ -105,6 +107,8 @@ class ModelAPIMixin:
                 head.bias = nn.Parameter(_resized_rows(head.bias.data[:, None], size, False, 0.0)[:, 0])
             head.out_features = size
         self.config.vocab_size = size
+        for model in (self, self.base_model):  # the attribute the reference's models carry
+            model.vocab_size = size
         self.tie_weights()
         return new
 
@@ -259,3 +263,26 @@ def read_weight(reader: Any, name: str, dtype: torch.dtype, device: torch.device
     stored = reader.dtype(name)
     return torch.empty(reader.shape(name), dtype=dtype if stored is None or stored.is_floating_point else stored,
                        device=device)  # fmt: skip
+
+
+def mask_from_4d(mask: torch.Tensor, B: int, T: int, K: int) -> torch.Tensor:
+    """A caller's 4D attention mask (B, 1, T, past + T), as the reference takes it (used instead of the causal
+    mask): bool (True attends) or additive float (0 attends, the dtype's minimum masks). Returns the bool mask
+    the attention layers take; a query that may attend nothing attends everything (no NaN from softmax)."""
+    from .modeling import InputError
+
+    if mask.shape[0] not in (1, B) or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (T, K):
+        raise InputError(f"a 4D attention_mask must have shape ({B}, 1, {T}, {K}) (batch, 1, seq_len, past + "
+                         f"seq_len), got {tuple(mask.shape)}")  # fmt: skip
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        masked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | masked).all()):
+            raise InputError("a float 4D attention_mask must hold 0 (attend) or the dtype's minimum (masked); "
+                             "other additive biases are not supported")  # fmt: skip
+        allowed = ~masked
+    else:
+        raise TypeError(f"a 4D attention_mask must be bool or floating point, got {mask.dtype}")
+    allowed = allowed.expand(B, 1, T, K)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)

@@ -36,6 +36,9 @@ FAMILY_NAMES = (
     "XGLMConfig", "XGLMModel", "XGLMForCausalLM", "XGLMPreTrainedModel",
     "PersimmonConfig", "PersimmonModel", "PersimmonForCausalLM", "PersimmonForSequenceClassification",
     "PersimmonForTokenClassification",
+    # the auto classes and base classes the mixins construct and recognise models with
+    "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+    "PreTrainedModel", "PretrainedConfig",
 )  # fmt: skip
 
 
