@@ -78,7 +78,8 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
     max_new = _max_new_tokens(model, config, prompt_length, "max_length" in kwargs)
     warn_past_context(model, prompt_length, "the prompt")
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    return Plan(config, eos, pad, max_new, build_processors(config, prompt_length, eos, vocab), stop)
+    processors = build_processors(config, prompt_length, eos, vocab, max_length=prompt_length + max_new)
+    return Plan(config, eos, pad, max_new, processors, stop)
 
 
 def _max_new_tokens(model: Any, config: GenerationConfig, prompt_length: int, max_length_given: bool) -> int:
