@@ -286,3 +286,46 @@ def mask_from_4d(mask: torch.Tensor, B: int, T: int, K: int) -> torch.Tensor:
         raise TypeError(f"a 4D attention_mask must be bool or floating point, got {mask.dtype}")
     allowed = allowed.expand(B, 1, T, K)
     return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class CacheAPIMixin:
+    """The reference's Cache reading API on glmkit's KVCache: `cache[layer] -> (keys, values)` over the written
+    slots, iteration, `to_legacy_cache` / `from_legacy_cache`, `crop`, `reorder_cache`."""
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self.keys) <= layer_idx < len(self.keys):
+            raise IndexError(f"cache has {len(self.keys)} layers, no layer {layer_idx}")
+        n = self.get_seq_length()
+        return self.keys[layer_idx][:, :, :n], self.values[layer_idx][:, :, :n]  # (B, Hkv, n, D) views
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.keys)))
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return self.to_legacy()
+
+    @classmethod
+    def from_legacy_cache(cls, past_key_values: tuple | list | None) -> Any:
+        return cls.from_legacy(past_key_values or ())
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first max_length slots (a negative value drops that many from the end)."""
+        seen = self.get_seq_length()
+        self.rewind(seen - max_length if max_length >= 0 else -max_length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.reorder(beam_idx)
+
+
+def legacy_from_foreign_cache(cache: Any) -> tuple | None:
+    """(keys, values) per layer from another library's cache object, recognised by its attributes (transformers'
+    DynamicCache: `.layers[i].keys` in 4.56+, `to_legacy_cache()` or `key_cache` lists before), so glmkit never
+    imports transformers. None when `cache` is none of these."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)) and all(hasattr(layer, "keys") for layer in layers):
+        return tuple((layer.keys, layer.values) for layer in layers if isinstance(layer.keys, torch.Tensor))
+    if callable(getattr(cache, "to_legacy_cache", None)):
+        return tuple(cache.to_legacy_cache())
+    if isinstance(getattr(cache, "key_cache", None), list):
+        return tuple(zip(cache.key_cache, cache.value_cache))
+    return None

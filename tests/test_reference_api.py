@@ -193,3 +193,40 @@ def test_config_json_helpers_as_reference(family, tmp_path):
     assert ours.get_text_config() is ours and ours.dtype is None
     ours.dtype = torch.bfloat16
     assert ours.dtype == torch.bfloat16 and ours.torch_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_reads_like_the_reference(family, tmp_path):
+    """cache[layer] -> (k, v), len, iteration, get_seq_length, to_legacy_cache: the reference's DynamicCache's."""
+    ref, ours = reference_and_ours(family, tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    ref_cache = ref(ids, use_cache=True).past_key_values
+    cache = ours(ids, use_cache=True).past_key_values
+    assert len(cache) == len(ref_cache) and cache.get_seq_length() == ref_cache.get_seq_length() == 5
+    for layer in range(len(cache)):
+        for got, want in zip(cache[layer], ref_cache[layer]):
+            assert_close(got, want, what=f"layer {layer}")
+    assert [k.shape for k, _ in cache] == [k.shape for k, _ in ref_cache.to_legacy_cache()]
+    assert len(cache.to_legacy_cache()) == len(cache)
+    cache.crop(3)
+    assert cache.get_seq_length() == 3 and cache[0][0].shape[2] == 3
+    with pytest.raises(IndexError, match="no layer"):
+        cache[len(cache)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_dynamic_cache_accepted(family, tmp_path):
+    """A DynamicCache the reference filled continues in glmkit (duck-typed: glmkit does not import transformers)."""
+    from transformers import DynamicCache
+
+    ref, ours = reference_and_ours(family, tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    full = ref(ids).logits
+    prefix = ref(ids[:, :5], past_key_values=DynamicCache(), use_cache=True).past_key_values
+    out = ours(ids[:, 5:], past_key_values=prefix, use_cache=True)
+    assert_close(out.logits, full[:, 5:], what="continued from a DynamicCache")
+    assert out.past_key_values.get_seq_length() == 7
+    fresh = ours(ids, past_key_values=DynamicCache(), use_cache=True)  # an empty one starts a new cache
+    assert_close(fresh.logits, full, what="empty DynamicCache")
+    with pytest.raises(TypeError, match="transformers-style cache"):
+        ours(ids, past_key_values=object())
