@@ -21,6 +21,7 @@ from .outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from .reference_api import PrepareInputsMixin
 
 
 def causal_lm_loss(
@@ -81,7 +82,7 @@ class _HeadModel(PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ForCausalLM(GenerationMixin, _HeadModel):
+class ForCausalLM(GenerationMixin, PrepareInputsMixin, _HeadModel):
     """Language-model head on the last hidden states; `logits_to_keep` limits which positions get logits."""
 
     output_class: ClassVar[type[ModelOutput]] = CausalLMOutputWithPast

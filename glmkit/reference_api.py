@@ -329,3 +329,32 @@ def legacy_from_foreign_cache(cache: Any) -> tuple | None:
     if isinstance(getattr(cache, "key_cache", None), list):
         return tuple(zip(cache.key_cache, cache.value_cache))
     return None
+
+
+class PrepareInputsMixin:
+    """`prepare_inputs_for_generation`, which PEFT and hand-written decode loops call: the forward keywords of
+    the next step (the ids not yet in the cache, positions from the padding mask), as the reference builds."""
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, input_ids.shape[1], device=input_ids.device)
+        inputs: dict[str, Any] = {"cache_position": cache_position, "past_key_values": past_key_values,
+                                  "attention_mask": attention_mask, "use_cache": kwargs.pop("use_cache", True)}
+        if inputs_embeds is not None and len(cache_position) == inputs_embeds.shape[1]:  # the prompt's step
+            inputs["inputs_embeds"], inputs["input_ids"] = inputs_embeds, None
+        else:
+            inputs["input_ids"] = input_ids[:, -len(cache_position):]
+        if attention_mask is not None and kwargs.get("position_ids") is None:
+            positions = attention_mask.long().cumsum(-1) - 1  # left padding: real tokens count from 0
+            kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1)[:, -len(cache_position):]
+        inputs.update((k, v) for k, v in kwargs.items() if v is not None)
+        return inputs

@@ -230,3 +230,33 @@ def test_transformers_dynamic_cache_accepted(family, tmp_path):
     assert_close(fresh.logits, full, what="empty DynamicCache")
     with pytest.raises(TypeError, match="transformers-style cache"):
         ours(ids, past_key_values=object())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepare_inputs_for_generation_as_reference(family, tmp_path):
+    """The next step's inputs (uncached ids, positions from a left-padded mask) as the reference builds them, and
+    a loop driven by them decodes what generate() decodes."""
+    from transformers import DynamicCache
+
+    ref, ours = reference_and_ours(family, tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ref_cache = ref(ids[:, :5], attention_mask=mask[:, :5], past_key_values=DynamicCache(), use_cache=True)
+    cache = ours(ids[:, :5], attention_mask=mask[:, :5], use_cache=True).past_key_values
+    step = torch.arange(5, 6)  # the reference needs the step's cache positions given
+    want = ref.prepare_inputs_for_generation(ids, past_key_values=ref_cache.past_key_values, attention_mask=mask,
+                                             cache_position=step)  # fmt: skip
+    got = ours.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask)
+    keys = ["input_ids", "cache_position", "attention_mask"] + [k for k in ("position_ids",) if k in want]
+    for key in keys:
+        assert torch.equal(got[key], want[key]), key
+    step_ids, step_mask, past = ids[:, :4], mask[:, :4], None
+    for _ in range(4):  # greedy by hand
+        inputs = ours.prepare_inputs_for_generation(step_ids, past_key_values=past, attention_mask=step_mask)
+        out = ours(**inputs)
+        past = out.past_key_values
+        step_ids = torch.cat([step_ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+    expected = ours.generate(ids[:, :4], attention_mask=mask[:, :4], max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(step_ids, expected)
