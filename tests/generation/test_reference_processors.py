@@ -84,3 +84,11 @@ def test_truncation_cutoff_out_of_range(pair, bad):
     ids, mask = _prompt()
     with pytest.raises(ValueError, match="cutoff"):
         _generate(pair[1], ids, mask, do_sample=True, max_new_tokens=2, **bad)
+
+
+def test_generate_without_input_ids_starts_from_bos(pair):
+    ref, ours = pair
+    with torch.no_grad():
+        want = ref.generate(bos_token_id=5, max_new_tokens=4, eos_token_id=None)
+        got = ours.generate(bos_token_id=5, max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(got, want) and got[0, 0] == 5
