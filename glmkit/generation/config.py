@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
     "renormalize_logits": False,
+    "encoder_no_repeat_ngram_size": 0,
     "length_penalty": 1.0,
     "early_stopping": False,
     "num_return_sequences": 1,

@@ -26,10 +26,11 @@ class RepetitionPenalty:
 
 
 class NoRepeatNGram:
-    """Forbid any token that would complete an n-gram already present in the row."""
+    """Forbid any token that would complete an n-gram already present in the row (or, with `source_length`, in
+    its first source_length tokens: the prompt, for the reference's encoder_no_repeat_ngram_size)."""
 
-    def __init__(self, ngram_size: int):
-        self.n = ngram_size
+    def __init__(self, ngram_size: int, source_length: int | None = None):
+        self.n, self.source_length = ngram_size, source_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
@@ -38,10 +39,11 @@ class NoRepeatNGram:
         scores = scores.clone()
         for row, tokens in enumerate(input_ids.tolist()):
             prefix = tuple(tokens[length + 1 - self.n :])
+            source = tokens if self.source_length is None else tokens[: self.source_length]
             banned = [
-                tokens[i + self.n - 1]
-                for i in range(length - self.n + 1)
-                if tuple(tokens[i : i + self.n - 1]) == prefix
+                source[i + self.n - 1]
+                for i in range(len(source) - self.n + 1)
+                if tuple(source[i : i + self.n - 1]) == prefix
             ]
             scores[row, banned] = -math.inf
         return scores
@@ -167,6 +169,8 @@ def build_processors(config, prompt_length: int, eos_token_ids: Sequence[int], v
         chain.append(RepetitionPenalty(config.repetition_penalty))
     if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:  # <= 0: off, as in the reference
         chain.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.encoder_no_repeat_ngram_size:  # a decoder-only model's "encoder input" is its prompt
+        chain.append(NoRepeatNGram(config.encoder_no_repeat_ngram_size, source_length=prompt_length))
     if config.bad_words_ids is not None:
         chain.append(BadWords(config.bad_words_ids, eos_token_ids, vocab_size))
     if eos_token_ids and config.min_length:

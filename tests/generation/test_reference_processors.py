@@ -92,3 +92,14 @@ def test_generate_without_input_ids_starts_from_bos(pair):
         want = ref.generate(bos_token_id=5, max_new_tokens=4, eos_token_id=None)
         got = ours.generate(bos_token_id=5, max_new_tokens=4, eos_token_id=None)
     assert torch.equal(got, want) and got[0, 0] == 5
+
+
+def test_encoder_no_repeat_ngram_size_bans_prompt_ngrams_as_reference(pair):
+    ids, mask = _prompt()
+    ids[:, -3:] = ids[:, :3]  # the prompt ends on its own first bigram: the next token would repeat a trigram
+    for n in (3, 1):
+        want = _generate(pair[0], ids, mask, max_new_tokens=5, encoder_no_repeat_ngram_size=n)
+        got = _generate(pair[1], ids, mask, max_new_tokens=5, encoder_no_repeat_ngram_size=n)
+        _assert_same(want, got)
+    for row in range(ids.shape[0]):  # n = 1: no token of the row's prompt is generated
+        assert not torch.isin(got.sequences[row, ids.shape[1]:], ids[row]).any()
