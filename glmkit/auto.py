@@ -60,8 +60,8 @@ class AutoConfig:
     """`AutoConfig.from_pretrained(path)` reads config.json and builds the family's config class."""
 
     @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        model_type, data = _config_for(name_or_path, **pop_hub_kwargs(kwargs))
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+        model_type, data = _config_for(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
         module, names = _family(model_type)
         return getattr(module, names["config"]).from_dict(data, **kwargs)
 
@@ -82,9 +82,10 @@ class _AutoModel:
         return getattr(module, names[cls.task])
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Pick the family from config.json's model_type and load with that class's from_pretrained."""
-        source = open_source(name_or_path, kwargs.pop("gguf_file", None), **pop_hub_kwargs(kwargs))  # opened once
+        source = open_source(pretrained_model_name_or_path, kwargs.pop("gguf_file", None),
+                             **pop_hub_kwargs(kwargs))  # opened once
         config = kwargs.get("config")
         model_type = config.model_type if config is not None else _config_for(source)[0]
         return cls._class_for(model_type).from_pretrained(source, **kwargs)

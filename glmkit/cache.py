@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .reference_api import CacheAPIMixin, legacy_from_foreign_cache
+
 _GROWTH_QUANTUM = 256
 
 
@@ -33,7 +35,7 @@ class Cache(Protocol):
     def get_seq_length(self, layer_idx: int = 0) -> int: ...
 
 
-class KVCache:
+class KVCache(CacheAPIMixin):
     """Keys/values for every layer plus per-row write state.
 
     capacity: slots per row allocated up front (generation knows it); None grows geometrically, so a
@@ -278,14 +280,18 @@ def _grown(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def as_cache(past_key_values: object, use_cache: bool, cache_class: type[KVCache] = KVCache) -> KVCache | None:
-    """Accept our cache, the legacy tuple format, or None (a fresh cache when use_cache)."""
+    """Accept our cache, the legacy tuple format, a transformers-style cache object, or None (a fresh cache
+    when use_cache)."""
     if past_key_values is None:
         return cache_class() if use_cache else None
     if isinstance(past_key_values, KVCache):
         return past_key_values
     if isinstance(past_key_values, (tuple, list)):
         return cache_class.from_legacy(past_key_values)
+    foreign = legacy_from_foreign_cache(past_key_values)
+    if foreign is not None:  # e.g. transformers' DynamicCache: continued in a glmkit cache (the one returned)
+        return cache_class.from_legacy(foreign)
     raise TypeError(
-        f"past_key_values must be a glmkit KVCache or a tuple of (key, value) pairs, got "
-        f"{type(past_key_values).__name__}"
+        f"past_key_values must be a glmkit KVCache, a tuple of (key, value) pairs or a transformers-style cache, "
+        f"got {type(past_key_values).__name__}"
     )

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from .checkpoint import atomic_write_text
+from .reference_api import ConfigAPIMixin
 
 CONFIG_NAME = "config.json"
 
@@ -49,7 +50,7 @@ def _dtype_name(dtype: Any) -> str | None:
     raise ConfigError(f"dtype must be a string or torch.dtype, got {dtype!r}")
 
 
-class PretrainedConfig:
+class PretrainedConfig(ConfigAPIMixin):
     """Attribute bag with the generic keys every reference config carries, plus JSON round-tripping.
 
     Subclasses set `model_type` and call `super().__init__(**kwargs)` after storing their own fields.
@@ -215,13 +216,14 @@ class PretrainedConfig:
             out.pop("torch_dtype")
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON of the values that differ from the defaults (use_diff, as the reference) or of all of them."""
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / CONFIG_NAME, self.to_json_string())
+        atomic_write_text(path / CONFIG_NAME, self.to_json_string(use_diff=False))
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> PretrainedConfig:
@@ -239,19 +241,19 @@ class PretrainedConfig:
         return cls(**data)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
         """Read config.json from a checkpoint directory, a hub id (revision=, token=, … accepted) or a path
         to the json file itself."""
         from .hub import pop_hub_kwargs
 
         hub_kwargs = pop_hub_kwargs(overrides)
-        return cls.from_dict(read_config_dict(name_or_path, **hub_kwargs), **overrides)
+        return cls.from_dict(read_config_dict(pretrained_model_name_or_path, **hub_kwargs), **overrides)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
+        return f"{type(self).__name__} {self.to_json_string(use_diff=False)}"
 
 
 # from_pretrained keywords of the reference that change nothing here (accepted and dropped)

@@ -21,6 +21,7 @@ from .outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from .reference_api import PrepareInputsMixin
 
 
 def causal_lm_loss(
@@ -81,10 +82,11 @@ class _HeadModel(PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ForCausalLM(GenerationMixin, _HeadModel):
+class ForCausalLM(GenerationMixin, PrepareInputsMixin, _HeadModel):
     """Language-model head on the last hidden states; `logits_to_keep` limits which positions get logits."""
 
     output_class: ClassVar[type[ModelOutput]] = CausalLMOutputWithPast
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
 
     def __init__(self, config: Any):
         super().__init__(config)

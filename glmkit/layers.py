@@ -298,11 +298,12 @@ def attention(
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # weights kept as (B, H, T, S), the tensor returned: the matmul below reads a view of it, so a caller's
+        # retain_grad() on the returned weights gets their gradient
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, H, T, S)
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
         if head_mask is not None:  # (H,) or (B, H, ...) broadcastable to (B, H, T, S)
-            weights = (weights.view(B, H, T, S) * head_mask).view(B, Hkv, G * T, S)
-        out = torch.matmul(weights, v)
-        weights = weights.view(B, H, T, S)
+            weights = weights * head_mask
+        out = torch.matmul(weights.view(B, Hkv, G * T, S), v)
     out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
     return out, weights

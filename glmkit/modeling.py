@@ -23,13 +23,21 @@ from .hub import pop_hub_kwargs
 from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
 from .outputs import BaseModelOutputWithPast, ModelOutput
 from .quant import prepare_loading, resolve_spec
+from .reference_api import (
+    LoadingOptions,
+    ModelAPIMixin,
+    loading_device,
+    mask_from_4d,
+    read_weight,
+    report_or_keep,
+)
 from .sources import open_source
 
 logger = logging.getLogger("glmkit")
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(ModelAPIMixin, nn.Module):
     """Base class. Subclasses set `config_class`, build their modules in `__init__(config)` and call
     `self.post_init()` last."""
 
@@ -54,6 +62,8 @@ class PreTrainedModel(nn.Module):
         if next(self.parameters()).device.type != "meta":
             self.apply(self._init_weights)
         self.tie_weights()
+        if getattr(self.config, "gradient_checkpointing", False):  # older configs switch it on this way
+            self.gradient_checkpointing_enable()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", getattr(self.config, "init_std", 0.02))
@@ -92,11 +102,14 @@ class PreTrainedModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in backward: less memory for more compute when training.
-        Checkpointing is always non-reentrant; `gradient_checkpointing_kwargs` may only say so."""
-        extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if (k, v) != ("use_reentrant", False)}
-        if extra:
-            raise ValueError(f"glmkit checkpoints layers non-reentrantly only; unsupported options: {extra}")
+        Non-reentrant unless `gradient_checkpointing_kwargs={"use_reentrant": True}` (torch's older mode, which
+        needs an input that requires grad: see enable_input_require_grads)."""
+        options = dict(gradient_checkpointing_kwargs or {})
+        reentrant = options.pop("use_reentrant", False)
+        if options:
+            raise ValueError(f"gradient_checkpointing_kwargs: glmkit takes only use_reentrant; got {options}")
         self.base_model.gradient_checkpointing = True
+        self.base_model.gradient_checkpointing_reentrant = bool(reentrant)
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing = False
@@ -135,7 +148,7 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
         *,
         config: PretrainedConfig | None = None,
         dtype: str | torch.dtype | None = None,
@@ -160,9 +173,14 @@ class PreTrainedModel(nn.Module):
         a directory holding Adept's original Persimmon release loads too (glmkit.models.adept).
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
-        the weights (missing, unexpected, wrong shape) is raised before any tensor is read.
+        the weights (missing, unexpected, wrong shape) is raised before any tensor is read, unless asked to
+        report it instead (`output_loading_info=True` / `strict=False`, `ignore_mismatched_sizes=True`: see
+        LoadingOptions). `state_dict=` with `config=` loads without a checkpoint directory.
         """
-        source = open_source(name_or_path, gguf_file, **pop_hub_kwargs(kwargs))
+        options = LoadingOptions.pop_from(kwargs)
+        if pretrained_model_name_or_path is None and (config is None or options.state_dict is None):
+            raise ValueError("from_pretrained needs a checkpoint path, or config= and state_dict= without one")
+        source = open_source(pretrained_model_name_or_path, gguf_file, options.state_dict, **pop_hub_kwargs(kwargs))
         for ignored in IGNORED_LOADING_KWARGS:
             kwargs.pop(ignored, None)
         source.check_family(cls.config_class.model_type, cls.__name__)
@@ -185,7 +203,7 @@ class PreTrainedModel(nn.Module):
 
             tp_group, device = tensor_parallel_group(tp_plan, tp_size, device_mesh, device_map)
         else:
-            device = resolve_device(device_map)
+            device = loading_device(resolve_device(device_map), device_map)
         with torch.device("meta"):
             model = cls(config)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
@@ -200,19 +218,20 @@ class PreTrainedModel(nn.Module):
             from .distributed import shard_for_loading
 
             reader = shard_for_loading(model, reader, tp_group, device)
-        names = model._match_checkpoint(reader)
+        names = model._match_checkpoint(reader, options)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
-            state[ours] = reader.get(theirs, dtype=target_dtype).to(device)
+            state[ours] = read_weight(reader, theirs, target_dtype, device)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
-        generation_file = source.directory / GENERATION_CONFIG_NAME
-        if source.kind != "gguf" and hasattr(model, "generation_config") and generation_file.is_file():
+        generation_file = source.directory / GENERATION_CONFIG_NAME if source.directory else None
+        if source.kind != "gguf" and hasattr(model, "generation_config") and generation_file and \
+                generation_file.is_file():
             model.generation_config = GenerationConfig.from_pretrained(source.directory)
         if adapter is not None:
             model.load_adapter(adapter)
-        return model.eval()
+        return (model.eval(), options.report) if options.output_loading_info else model.eval()
 
     def load_adapter(self, adapter_dir: str | os.PathLike) -> PreTrainedModel:
         """Apply the PEFT LoRA adapter in `adapter_dir` (glmkit.lora.load_adapter) in place; returns self."""
@@ -244,7 +263,7 @@ class PreTrainedModel(nn.Module):
                 unmatched.append(name)
         return mapping, unmatched
 
-    def _match_checkpoint(self, reader: WeightReader) -> dict[str, str]:
+    def _match_checkpoint(self, reader: WeightReader, options: LoadingOptions | None = None) -> dict[str, str]:
         mapping, unmatched = self._checkpoint_name_map(reader.keys())
         # top-level head names we lack belong to another head (lm_head vs score): skip those
         unexpected = [n for n in unmatched if n.split(".", 1)[0] not in HEAD_NAMES]
@@ -253,23 +272,30 @@ class PreTrainedModel(nn.Module):
             logger.warning(
                 "%s: ignoring checkpoint weights of another head: %s", type(self).__name__, ", ".join(skipped)
             )
-        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        # a tied lm_head is loaded with its embedding (and missing with it)
+        embedding_found = any(n.endswith("embed_tokens.weight") for n in mapping)
+        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) and embedding_found else set()
         missing = sorted(set(self.state_dict()) - set(mapping) - tied)
         fresh = [n for n in missing if n.startswith(self.init_if_missing)] if self.init_if_missing else []
         missing = [n for n in missing if n not in fresh]
         params = self.state_dict()
-        wrong = [
-            f"{ours} (checkpoint {tuple(reader.shape(theirs))}, model {tuple(params[ours].shape)})"
+        wrong = {
+            ours: f"{ours} (checkpoint {tuple(reader.shape(theirs))}, model {tuple(params[ours].shape)})"
             for ours, theirs in mapping.items()
             if tuple(reader.shape(theirs)) != tuple(params[ours].shape)
-        ]
+        }
+        options = options or LoadingOptions()
+        mapping, missing, unexpected, wrong = report_or_keep(options, type(self).__name__, mapping, missing,
+                                                             unexpected, wrong)  # fmt: skip
+        options.report["missing_keys"] += fresh
+        options.report["unexpected_keys"] += skipped
         problems = []
         if missing:
             problems.append(f"missing weights: {', '.join(missing)}")
         if unexpected:
             problems.append(f"unexpected weights: {', '.join(sorted(unexpected))}")
         if wrong:
-            problems.append(f"wrong shapes: {', '.join(wrong)}")
+            problems.append(f"wrong shapes: {', '.join(wrong.values())}")
         if problems:
             raise CheckpointError(
                 f"checkpoint in {reader.directory} does not fit {type(self).__name__}: " + "; ".join(problems)
@@ -404,6 +430,7 @@ class LayerTrace:
     hidden_states: bool = False
     attentions: bool = False
     checkpointing: bool = False  # recompute each layer in backward
+    reentrant: bool = False  # torch's reentrant checkpointing (asked for by gradient_checkpointing_kwargs)
     layerdrop: float | None = None  # XGLM: skip a layer with this probability (drawn at every layer)
     all_hidden: list[torch.Tensor] = field(default_factory=list)
     all_attentions: list[torch.Tensor | None] = field(default_factory=list)
@@ -425,7 +452,7 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, args: tuple, trace: Layer
         if trace.layerdrop is not None and torch.rand([]) < trace.layerdrop:
             continue
         if trace.checkpointing:
-            out = checkpoint(layer, x, *args, trace.attentions, use_reentrant=False)
+            out = checkpoint(layer, x, *args, trace.attentions, use_reentrant=trace.reentrant)
         else:
             out = layer(x, *args, trace.attentions)
         x = out[0]
@@ -484,6 +511,7 @@ class DecoderModel(PreTrainedModel):
             hidden_states=cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
             attentions=cfg.output_attentions if output_attentions is None else output_attentions,
             checkpointing=self.gradient_checkpointing and self.training,
+            reentrant=getattr(self, "gradient_checkpointing_reentrant", False),
         )
         x = self._embed_inputs(input_ids, inputs_embeds)
         B, T, _ = x.shape
@@ -500,6 +528,9 @@ class DecoderModel(PreTrainedModel):
             position_ids = self._check_position_ids(position_ids, B, T)
             # packed sequences (see the class docstring): a position 0 inside a row starts a document
             documents = packed_documents(position_ids) if attention_mask is None and past == 0 else None
+        custom_mask = None
+        if attention_mask is not None and getattr(attention_mask, "ndim", 2) == 4:  # the caller's whole mask
+            custom_mask, attention_mask = mask_from_4d(attention_mask, B, T, past + T), None
         if attention_mask is not None:
             # a padding-only row in a batch is allowed (its outputs are meaningless, the others' are right); a
             # mask with no token at all is a mistake. Incremental decoding may start on an all-padding chunk.
@@ -512,9 +543,14 @@ class DecoderModel(PreTrainedModel):
             mask = cache.attention_mask(T)
         else:
             mask = build_attention_mask(attention_mask, cache_position, past + T, B)
-        if documents is not None:
+        if custom_mask is not None:
+            mask = custom_mask
+        elif documents is not None:
             mask = restrict_to_documents(mask, documents)
         if cfg._attn_implementation == FLASH:  # made once here for every layer
+            if custom_mask is not None:
+                raise InputError("a 4D attention_mask cannot run on flash_attention_2 (its kernels take no mask "
+                                 "matrix): load with attn_implementation='sdpa', 'eager' or 'flex_attention'")
             real = cache.real_tokens(T) if cache is not None else (attention_mask, attention_mask)
             mask = flash_mask(mask, *real, documents)
         x = self.core(x, position_ids, mask, cache, trace, **core_extra)

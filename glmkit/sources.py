@@ -14,43 +14,57 @@ from .config import read_config_dict
 from .hub import resolve_checkpoint_dir
 from .models.adept import AdeptRelease, open_release
 from .quant.gguf import GGUFCheckpoint, gguf_file_path, is_gguf_path
+from .reference_api import StateDictReader
 
 
 @dataclass
 class CheckpointSource:
-    """An opened checkpoint: `config` is its config dict (with model_type); `kind` is "hf", "adept" or "gguf"."""
+    """An opened checkpoint: `config` is its config dict (with model_type); `kind` is "hf", "adept", "gguf" or
+    "state_dict" (weights given in memory, no files)."""
 
-    directory: Path
+    directory: Path | None
     config: dict[str, Any]
     kind: str = "hf"
     release: AdeptRelease | None = None
     gguf: GGUFCheckpoint | None = None
+    state_dict: dict[str, Any] | None = None  # the caller's weights, read instead of the files
 
     def reader(self, model_class: Any, config: Any) -> Any:
         """The weights under the model's HF names (a family's own re-layout applied to HF directories)."""
-        if self.gguf is not None:
+        if self.state_dict is not None:
+            raw = StateDictReader(self.state_dict)
+        elif self.gguf is not None:
             return self.gguf.weights(config)
-        raw = self.release.reader if self.release is not None else WeightReader(self.directory)
+        else:
+            raw = self.release.reader if self.release is not None else WeightReader(self.directory)
         return model_class.adapt_checkpoint(raw, config)
 
     def check_family(self, model_type: str, class_name: str) -> None:
         """A foreign format names its family itself: loading it into another family's class is an error."""
-        if self.kind != "hf" and self.config.get("model_type") != model_type:
+        if self.kind in ("adept", "gguf") and self.config.get("model_type") != model_type:
             raise CheckpointError(f"{self.gguf.path if self.gguf else self.directory} is a "
                                   f"{self.config.get('model_type')} checkpoint ({self.kind}): {class_name} "
                                   "cannot load it")  # fmt: skip
 
 
-def open_source(name_or_path: str | os.PathLike | CheckpointSource, gguf_file: str | os.PathLike | None = None,
+def open_source(name_or_path: str | os.PathLike | CheckpointSource | None,
+                gguf_file: str | os.PathLike | None = None, state_dict: dict[str, Any] | None = None,
                 **hub_kwargs: Any) -> CheckpointSource:  # fmt: skip
-    """Open `name_or_path` (an already opened source is returned as it is, so the Auto classes open once)."""
+    """Open `name_or_path` (an already opened source is returned as it is, so the Auto classes open once).
+    `state_dict` replaces the files' weights; with no path it is the whole source (the config comes from the
+    caller)."""
     if isinstance(name_or_path, CheckpointSource):
-        return name_or_path
-    if gguf_file is not None or is_gguf_path(name_or_path):
+        source = name_or_path
+    elif name_or_path is None:
+        source = CheckpointSource(None, {}, "state_dict")
+    elif gguf_file is not None or is_gguf_path(name_or_path):
         gguf = GGUFCheckpoint(gguf_file_path(name_or_path, gguf_file, **hub_kwargs))
-        return CheckpointSource(gguf.path.parent, gguf.config_dict(), "gguf", gguf=gguf)
-    directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
-    release = open_release(directory)  # Adept's release has no config.json; read without running its code
-    if release is not None:
-        return CheckpointSource(directory, release.config, "adept", release=release)
-    return CheckpointSource(directory, read_config_dict(directory))
+        source = CheckpointSource(gguf.path.parent, gguf.config_dict(), "gguf", gguf=gguf)
+    else:
+        directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
+        release = open_release(directory)  # Adept's release has no config.json; read without running its code
+        source = (CheckpointSource(directory, release.config, "adept", release=release) if release is not None
+                  else CheckpointSource(directory, read_config_dict(directory)))  # fmt: skip
+    if state_dict is not None:
+        source.state_dict = state_dict
+    return source

@@ -78,7 +78,8 @@ def plan_generation(model: Any, prompt_length: int, generation_config: Generatio
     max_new = _max_new_tokens(model, config, prompt_length, "max_length" in kwargs)
     warn_past_context(model, prompt_length, "the prompt")
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    return Plan(config, eos, pad, max_new, build_processors(config, prompt_length, eos, vocab), stop)
+    processors = build_processors(config, prompt_length, eos, vocab, max_length=prompt_length + max_new)
+    return Plan(config, eos, pad, max_new, processors, stop)
 
 
 def _max_new_tokens(model: Any, config: GenerationConfig, prompt_length: int, max_length_given: bool) -> int:
@@ -236,8 +237,8 @@ class GenerationMixin:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids of shape (batch, seq_len)")
+        if input_ids is None:  # the reference starts one row from the BOS token
+            input_ids = _bos_prompt(self, generation_config, kwargs)
         check_prompt(input_ids, attention_mask)
         plan = plan_generation(self, input_ids.shape[1], generation_config, tokenizer, **kwargs)
         config = plan.config
@@ -296,3 +297,14 @@ class GenerationMixin:
                **kwargs: Any) -> Iterator[StreamChunk]:  # fmt: skip
         """Lower-level iterator: per step, per row token ids, text deltas and finish reasons."""
         return stream(self, input_ids, attention_mask, tokenizer, **kwargs)
+
+
+def _bos_prompt(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """generate() without input_ids: one row holding the BOS token (the argument's, the generation config's or
+    the model config's), as the reference does."""
+    sources = (kwargs.get("bos_token_id"), getattr(generation_config or getattr(model, "generation_config", None),
+               "bos_token_id", None), getattr(model.config, "bos_token_id", None))  # fmt: skip
+    bos = next((b for b in sources if b is not None), None)
+    if bos is None:
+        raise ValueError("generate() needs input_ids of shape (batch, seq_len), or a bos_token_id to start from")
+    return torch.tensor([[bos]], device=model.device)
