@@ -157,7 +157,7 @@ def test_train_refuses_a_non_empty_out_unless_forced(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match=r"not empty.*--force"):
         train_mod.train(TrainOptions(data=data, out=out))
     saved = []
-    monkeypatch.setattr(train_mod, "_setup", lambda opts, out, records: saved.append(out) or (_ for _ in ()).throw(
+    monkeypatch.setattr(train_mod, "_setup", lambda opts, out, *_: saved.append(out) or (_ for _ in ()).throw(
         RuntimeError("stop after the directory check")))  # fmt: skip
     with pytest.raises(RuntimeError, match="stop after"):
         train_mod.train(TrainOptions(data=data, out=out, force=True))
