@@ -16,16 +16,12 @@ if not os.environ.get("GLMKIT_REQUIRE_TF"):
 import tensorflow as tf  # noqa: E402
 import transformers  # noqa: E402
 from conftest import scale_weights  # noqa: E402
+from xglm_oracles import BASE, PAD, VOCAB, batch, close, model_builder, rel  # noqa: E402
 
 import glmkit  # noqa: E402
 from glmkit.checkpoint import CheckpointError  # noqa: E402
 from glmkit.tf import TFXGLMForCausalLM, TFXGLMModel  # noqa: E402
 
-RTOL = 1e-5
-VOCAB, PAD, EOS = 120, 1, 2
-BASE = dict(vocab_size=VOCAB, ffn_dim=64, num_layers=2, max_position_embeddings=40, dropout=0.1,
-            attention_dropout=0.1, activation_dropout=0.1, pad_token_id=PAD, bos_token_id=0,
-            eos_token_id=EOS)  # fmt: skip
 VARIANTS = {
     "gelu_scaled": dict(d_model=32, attention_heads=4),
     "relu_unscaled_3heads": dict(d_model=48, attention_heads=3, activation_function="relu", scale_embedding=False),
@@ -34,44 +30,9 @@ VARIANTS = {
 }
 
 
-def rel(expected, actual) -> float:
-    expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
-    assert expected.shape == actual.shape, (expected.shape, actual.shape)
-    return float(np.abs(expected - actual).max() / max(np.abs(expected).max(), 1e-12))
-
-
-def close(expected, actual, what: str, rtol: float = RTOL) -> None:
-    diff = rel(expected, actual)
-    assert diff <= rtol, f"{what}: max relative difference {diff:.3g} > {rtol}"
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """variant -> (torch reference, TF reference, ours, glmkit torch, checkpoint dir), built once."""
-    models: dict[str, tuple] = {}
-
-    def get(variant: str):
-        if variant not in models:
-            torch.manual_seed(0)
-            ref = transformers.XGLMForCausalLM(transformers.XGLMConfig(**BASE, **VARIANTS[variant])).eval()
-            scale_weights(ref)
-            path = tmp_path_factory.mktemp(variant)
-            ref.save_pretrained(path)
-            tf_ref = transformers.TFXGLMForCausalLM.from_pretrained(path, from_pt=True)
-            models[variant] = ref, tf_ref, TFXGLMForCausalLM.from_pretrained(path), \
-                glmkit.XGLMForCausalLM.from_pretrained(path).eval(), path  # fmt: skip
-        return models[variant]
-
-    return get
-
-
-def batch(B: int = 2, T: int = 7, seed: int = 0, left_pad: int = 0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, VOCAB, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    if left_pad:
-        ids[1, :left_pad], mask[1, :left_pad] = PAD, 0
-    return ids, mask
+    return model_builder(tmp_path_factory, VARIANTS, transformers.TFXGLMForCausalLM, TFXGLMForCausalLM)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
