@@ -56,8 +56,17 @@ def generation_config(directory: Path, config: XGLMConfig) -> GenerationConfig:
     return GenerationConfig.from_model_config(config)
 
 
-def resolve_generation(base: GenerationConfig, prompt_length: int, kwargs: dict[str, Any]) -> tuple[Any, int]:
-    """(validated settings, total length) for one `generate` call; refuses settings the ports lack."""
+def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: Any, max_positions: int,
+                       kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple]:  # fmt: skip
+    """One `generate` call's checked (ids, mask, settings); settings = (total length, do_sample, temperature,
+    top_k, top_p, eos ids, pad id), hashable so each port keeps one compiled decoder per settings and shape.
+    Refuses settings the ports lack."""
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, length >= 1), got {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
     gen = base.update(**kwargs)
     gen.validate()
     unsupported = sorted(k for k, v in DEFAULTS.items() if k not in GENERATE_SETTINGS and getattr(gen, k) != v)
@@ -66,15 +75,18 @@ def resolve_generation(base: GenerationConfig, prompt_length: int, kwargs: dict[
             f"the TensorFlow / Flax generate supports greedy and sampling (temperature, top_k, top_p) only; "
             f"unsupported settings: {unsupported or ['num_beams / num_return_sequences']}"
         )
+    prompt_length = ids.shape[1]
     total = prompt_length + gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
     if total <= prompt_length:
         raise ValueError(f"nothing to generate: the prompt has {prompt_length} tokens and max_length is {total}")
-    return gen, total
-
-
-def eos_ids(gen: Any) -> list[int]:
+    if total > max_positions:
+        raise ValueError(f"max_length {total} > max_position_embeddings {max_positions}")
     eos = gen.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos or [0])[0]
+    settings = (total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0), float(gen.top_p or 1.0),
+                tuple(eos), int(pad))  # fmt: skip
+    return ids, mask, settings
 
 
 def read_state_dict(directory: Path) -> dict[str, np.ndarray]:

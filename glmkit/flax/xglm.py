@@ -26,11 +26,10 @@ from ..generation.config import GenerationConfig
 from ..interop import (
     check_positions,
     checkpoint_dir,
-    eos_ids,
     generation_config,
     position_table,
+    prepare_generation,
     read_state_dict,
-    resolve_generation,
 )
 from ..models.xglm import XGLMConfig
 from ..outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
@@ -405,18 +404,8 @@ class FlaxXGLMForCausalLM(FlaxXGLMPreTrainedModel):
                  prng_key: jax.Array | None = None, params: dict | None = None, **kwargs: Any) -> FlaxGenerateOutput:
         """Greedy or sampled (temperature, top_k, top_p) decoding, left padding allowed. Prefill and the
         decode loop are one jitted function per (batch, prompt length, max_length, settings)."""
-        ids = np.asarray(input_ids, np.int32)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, length >= 1), got {ids.shape}")
-        gen, total = resolve_generation(generation_config or self.generation_config, ids.shape[1], kwargs)
-        if total > self.config.max_position_embeddings:
-            raise ValueError(f"max_length {total} > max_position_embeddings {self.config.max_position_embeddings}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
-        pad = gen.pad_token_id if gen.pad_token_id is not None else (eos_ids(gen) or [0])[0]
-        settings = (total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0), float(gen.top_p or 1.0),
-                    tuple(eos_ids(gen)), int(pad))  # fmt: skip
+        ids, mask, settings = prepare_generation(generation_config or self.generation_config, input_ids,
+                                                 attention_mask, self.config.max_position_embeddings, kwargs)
         key = settings + ids.shape
         if key not in self._decoders:
             self._decoders[key] = jax.jit(partial(_decode, self, *settings))

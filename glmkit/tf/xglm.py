@@ -23,11 +23,10 @@ from ..generation.config import GenerationConfig
 from ..interop import (
     check_positions,
     checkpoint_dir,
-    eos_ids,
     generation_config,
     position_table,
+    prepare_generation,
     read_state_dict,
-    resolve_generation,
 )
 from ..models.xglm import XGLMConfig
 from ..outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
@@ -347,18 +346,8 @@ class TFXGLMForCausalLM(TFXGLMPreTrainedModel):
                  seed: tuple[int, int] = (0, 0), **kwargs: Any) -> tf.Tensor:
         """Greedy or sampled (temperature, top_k, top_p) decoding, left padding allowed; returns (B, max_length)
         ids with pad_token_id after each row's end. One XLA compile per (batch, prompt length, settings)."""
-        ids = np.asarray(input_ids, np.int32)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, length >= 1), got {ids.shape}")
-        gen, total = resolve_generation(generation_config or self.generation_config, ids.shape[1], kwargs)
-        if total > self.config.max_position_embeddings:
-            raise ValueError(f"max_length {total} > max_position_embeddings {self.config.max_position_embeddings}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
-        pad = gen.pad_token_id if gen.pad_token_id is not None else (eos_ids(gen) or [0])[0]
-        settings = (total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
-                    float(gen.top_p or 1.0), tuple(eos_ids(gen)), int(pad))  # fmt: skip
+        ids, mask, settings = prepare_generation(generation_config or self.generation_config, input_ids,
+                                                 attention_mask, self.config.max_position_embeddings, kwargs)
         if settings not in self._decoders:
             self._decoders[settings] = tf.function(partial(_decode, self, *settings), jit_compile=True,
                                                    autograph=False)  # fmt: skip
