@@ -28,8 +28,8 @@ def check_attn_implementation(name: object) -> str:
     """Raise AttentionBackendError unless `name` is known and can run on this machine (at load time, not in
     forward): flash_attention_2 needs the flash_attn package and a CUDA device."""
     if name not in ATTN_IMPLEMENTATIONS:
-        raise AttentionBackendError(f"attn_implementation must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}, "
-                                    f"got {name!r}")  # fmt: skip
+        raise AttentionBackendError(f'Specified `attn_implementation="{name}"` is not supported: attn_implementation '
+                                    f"must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}")  # fmt: skip
     if name == FLASH:
         if importlib.util.find_spec("flash_attn") is None:
             raise AttentionBackendError("attn_implementation='flash_attention_2' needs the flash_attn package, which "
