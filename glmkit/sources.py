@@ -66,5 +66,8 @@ def open_source(name_or_path: str | os.PathLike | CheckpointSource | None,
         source = (CheckpointSource(directory, release.config, "adept", release=release) if release is not None
                   else CheckpointSource(directory, read_config_dict(directory)))  # fmt: skip
     if state_dict is not None:
+        if source.kind in ("adept", "gguf"):
+            raise ValueError(f"state_dict= replaces the weights of a Hugging Face checkpoint, not of {source.kind}'s "
+                             "format: load the file alone")  # fmt: skip
         source.state_dict = state_dict
     return source
