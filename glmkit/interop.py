@@ -75,7 +75,8 @@ def generation_config(directory: Path, config: XGLMConfig) -> GenerationConfig:
 
 def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: Any, max_positions: int,
                        kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, DecodeSettings]:  # fmt: skip
-    """One `generate` call's checked (ids, mask, settings). Refuses, by name, the settings the ports lack."""
+    """One `generate` call's checked (ids, mask, settings). Refuses, by name, the settings the ports lack. Sampling
+    with num_return_sequences > 1 repeats each prompt row that many times (as the TF reference and PyTorch do)."""
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (batch, length >= 1), got {ids.shape}")
@@ -87,13 +88,11 @@ def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: A
     unsupported = sorted(k for k, v in DEFAULTS.items() if k not in GENERATE_SETTINGS and getattr(gen, k) != v)
     if gen.num_beams > 1 and gen.do_sample:
         unsupported.append("do_sample with num_beams > 1 (beam sampling)")
-    if gen.num_beams == 1 and gen.num_return_sequences != 1:
-        unsupported.append("num_return_sequences > 1 without beams")
     if unsupported:
         raise NotImplementedError(
             f"the TensorFlow / Flax generate supports greedy, sampling (temperature, top_k, top_p) and beam search "
-            f"(num_beams, length_penalty, early_stopping, num_return_sequences) only; unsupported settings: "
-            f"{unsupported}"
+            f"(num_beams, length_penalty, early_stopping), num_return_sequences with either, only; unsupported "
+            f"settings: {unsupported}"
         )
     prompt_length = ids.shape[1]
     total = prompt_length + gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
@@ -107,6 +106,8 @@ def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: A
     settings = DecodeSettings(total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
                               float(gen.top_p or 1.0), tuple(eos), int(pad), gen.num_beams, float(gen.length_penalty),
                               gen.early_stopping, gen.num_return_sequences)  # fmt: skip
+    if gen.num_beams == 1 and gen.num_return_sequences > 1:  # sampling: validate() refuses it for greedy
+        ids, mask = np.repeat(ids, gen.num_return_sequences, 0), np.repeat(mask, gen.num_return_sequences, 0)
     return ids, mask, settings
 
 

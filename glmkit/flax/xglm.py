@@ -407,7 +407,9 @@ class FlaxXGLMForCausalLM(FlaxXGLMPreTrainedModel):
                  prng_key: jax.Array | None = None, params: dict | None = None, **kwargs: Any) -> FlaxGenerateOutput:
         """Greedy, sampled (temperature, top_k, top_p) or beam search (num_beams, length_penalty, early_stopping,
         num_return_sequences: the reference's FlaxGenerationMixin algorithm) decoding, left padding allowed.
-        Prefill and the decode loop are one jitted function per (batch, prompt length, settings)."""
+        Sampling with num_return_sequences draws that many rows per prompt (the Flax reference ignores it; the TF
+        and PyTorch ones do this). Prefill and the decode loop are one jitted function per (batch, prompt length,
+        settings)."""
         ids, mask, settings = prepare_generation(generation_config or self.generation_config, input_ids,
                                                  attention_mask, self.config.max_position_embeddings, kwargs)
         key = (settings, ids.shape)

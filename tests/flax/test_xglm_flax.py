@@ -159,6 +159,8 @@ def test_sampling(built):
     greedy = ours.generate(ids, max_new_tokens=8).sequences
     top1 = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, prng_key=jax.random.PRNGKey(3)).sequences
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
+    copies = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).sequences
+    np.testing.assert_array_equal(np.repeat(np.asarray(greedy), 3, 0), np.asarray(copies))
     draw = lambda seed: np.asarray(ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=2.0, top_p=0.9,
                                                  prng_key=jax.random.PRNGKey(seed)).sequences)  # fmt: skip
     np.testing.assert_array_equal(draw(1), draw(1))
@@ -226,8 +228,6 @@ def test_bad_inputs(built, tmp_path):
         ours(np.ones((1, 3), np.int32), position_ids=np.array([[0, 1, 40]]))
     with pytest.raises(NotImplementedError, match="beam sampling"):
         ours.generate(np.ones((1, 3), np.int32), num_beams=2, do_sample=True)
-    with pytest.raises(NotImplementedError, match="num_return_sequences"):
-        ours.generate(np.ones((1, 3), np.int32), do_sample=True, num_return_sequences=2)
     with pytest.raises(NotImplementedError, match="repetition_penalty"):
         ours.generate(np.ones((1, 3), np.int32), repetition_penalty=1.3)
     with pytest.raises(ValueError, match="cache holds"):

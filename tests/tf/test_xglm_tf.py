@@ -142,10 +142,14 @@ def test_beam_search_token_identical(built, settings, eos, left_pad):
 
 
 def test_sampling(built):
-    _, _, ours, _, _ = built("gelu_scaled")
+    _, tf_ref, ours, _, _ = built("gelu_scaled")
     ids, _ = batch(T=4)
     greedy = ours.generate(ids, max_new_tokens=8).numpy()
     np.testing.assert_array_equal(greedy, ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1).numpy())
+    copies = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).numpy()
+    expected = tf_ref.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).numpy()
+    assert copies.shape[0] == expected.shape[0] == 3 * len(ids)  # each prompt 3 times, in order
+    np.testing.assert_array_equal(copies[:, : expected.shape[1]], expected)
     draw = lambda seed: ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=2.0, top_p=0.9,
                                       seed=(seed, 0)).numpy()  # fmt: skip
     np.testing.assert_array_equal(draw(1), draw(1))
