@@ -487,7 +487,7 @@ def _decode(model, s: DecodeSettings, params, ids, mask, rng):
 BEAM_NEG = -1.0e7  # the reference's (Flax) score of an empty or excluded hypothesis
 
 
-def _beam_search(model, s: DecodeSettings, params, ids, mask, rng):
+def _beam_search(model, s: DecodeSettings, params, ids, mask, _rng):  # no draws: _rng keeps _decode's signature
     """The reference's Flax beam search: each step keeps the top 2K continuations of the K running beams, the
     top K without EOS keep running (their cache rows gathered from the parent beams), and the EOS-ended ones
     compete (score / new-length ** length_penalty) for the K finished slots. Returns (sequences, scores)."""

@@ -449,7 +449,7 @@ def _decode(model, s: DecodeSettings, ids, mask, seed):
 BEAM_NEG = -1.0e9  # the reference's (TF) score of an empty or excluded hypothesis
 
 
-def _beam_search(model, s: DecodeSettings, ids, mask, seed):
+def _beam_search(model, s: DecodeSettings, ids, mask, _seed):  # no draws: _seed keeps _decode's signature
     """The reference's TF beam search: each step keeps the top 2K continuations of the K running beams, the top
     K without EOS keep running (their buffer rows gathered from the parent beams), and EOS among the first K
     candidates ends a hypothesis, competing (score / new-length ** length_penalty) for the K finished slots."""
