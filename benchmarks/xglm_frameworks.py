@@ -1,7 +1,8 @@
 """XGLM decode speed in Flax / TensorFlow: glmkit.flax and glmkit.tf against the reference's FlaxXGLMForCausalLM /
-TFXGLMForCausalLM `generate`, greedy, on the same random weights (built in transformers, saved, loaded by both).
+TFXGLMForCausalLM `generate`, greedy or beam search (--num-beams), on the same random weights (built in transformers,
+saved, loaded by both).
 
-    .venv-flax/bin/python benchmarks/xglm_frameworks.py --framework flax [--quick]
+    .venv-flax/bin/python benchmarks/xglm_frameworks.py --framework flax [--quick] [--num-beams 4]
     .venv-tf/bin/python benchmarks/xglm_frameworks.py --framework tf [--quick]
 
 Each side is run once to compile (not timed), then timed over --repeats runs (best kept). EOS is an id outside the
@@ -42,7 +43,7 @@ def best_seconds(run: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def flax_runs(path: str, ids: np.ndarray, new: int) -> dict[str, Callable[[], object]]:
+def flax_runs(path: str, ids: np.ndarray, new: int, beams: int) -> dict[str, Callable[[], object]]:
     import jax
     import transformers
 
@@ -51,17 +52,17 @@ def flax_runs(path: str, ids: np.ndarray, new: int) -> dict[str, Callable[[], ob
     ours = FlaxXGLMForCausalLM.from_pretrained(path)
     ref = transformers.FlaxXGLMForCausalLM.from_pretrained(path, from_pt=True)
     total = ids.shape[1] + new
-    ref_jit = jax.jit(lambda i: ref.generate(i, max_length=total, do_sample=False, pad_token_id=1).sequences)
+    kw = dict(max_length=total, do_sample=False, pad_token_id=1, num_beams=beams)
+    ref_jit = jax.jit(lambda i: ref.generate(i, **kw).sequences)
     return {
         "glmkit.flax generate (jitted prefill + while_loop)":
-            lambda: ours.generate(ids, max_new_tokens=new).sequences.block_until_ready(),
-        "reference generate": lambda: ref.generate(ids, max_length=total, do_sample=False,
-                                                   pad_token_id=1).sequences.block_until_ready(),
+            lambda: ours.generate(ids, max_new_tokens=new, num_beams=beams).sequences.block_until_ready(),
+        "reference generate": lambda: ref.generate(ids, **kw).sequences.block_until_ready(),
         "reference jax.jit(generate)": lambda: ref_jit(ids).block_until_ready(),
     }  # fmt: skip
 
 
-def tf_runs(path: str, ids: np.ndarray, new: int) -> dict[str, Callable[[], object]]:
+def tf_runs(path: str, ids: np.ndarray, new: int, beams: int) -> dict[str, Callable[[], object]]:
     import tensorflow as tf
     import transformers
 
@@ -71,11 +72,11 @@ def tf_runs(path: str, ids: np.ndarray, new: int) -> dict[str, Callable[[], obje
     ref = transformers.TFXGLMForCausalLM.from_pretrained(path, from_pt=True)
     ref_xla = tf.function(ref.generate, jit_compile=True)
     tensor = tf.constant(ids)
+    kw = dict(max_new_tokens=new, do_sample=False, num_beams=beams)
     return {
-        "glmkit.tf generate (XLA)": lambda: ours.generate(ids, max_new_tokens=new).numpy(),
-        "reference generate (eager)": lambda: ref.generate(tensor, max_new_tokens=new, do_sample=False).numpy(),
-        "reference tf.function(generate, jit_compile=True)":
-            lambda: ref_xla(tensor, max_new_tokens=new, do_sample=False).numpy(),
+        "glmkit.tf generate (XLA)": lambda: ours.generate(ids, max_new_tokens=new, num_beams=beams).numpy(),
+        "reference generate (eager)": lambda: ref.generate(tensor, **kw).numpy(),
+        "reference tf.function(generate, jit_compile=True)": lambda: ref_xla(tensor, **kw).numpy(),
     }  # fmt: skip
 
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
     args = parser.parse_args()
     size = SIZES["quick" if args.quick else "full"]
     new = args.new_tokens or (32 if args.quick else 128)
@@ -94,9 +96,10 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(3, size["vocab_size"], (args.batch, args.prompt)).astype(np.int32)
     with tempfile.TemporaryDirectory() as path:
         build(path, size, args.prompt + new + 8)
-        runs = (flax_runs if args.framework == "flax" else tf_runs)(path, ids, new)
+        runs = (flax_runs if args.framework == "flax" else tf_runs)(path, ids, new, args.num_beams)
         rates = {name: args.batch * new / best_seconds(run, repeats) for name, run in runs.items()}
-    print(f"XGLM {args.framework} decode, {size}, batch {args.batch}, prompt {args.prompt}, {new} new tokens, greedy")
+    mode = f"beam search ({args.num_beams} beams)" if args.num_beams > 1 else "greedy"
+    print(f"XGLM {args.framework} decode, {size}, batch {args.batch}, prompt {args.prompt}, {new} new tokens, {mode}")
     ours_name = next(iter(rates))
     for name, rate in rates.items():
         ratio = "" if name == ours_name else f"  (glmkit {rates[ours_name] / rate:.2f}x)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,8 +22,25 @@ from .models.xglm import POSITION_OFFSET, XGLMConfig, sinusoidal_positions
 # decoding settings the TF / Flax `generate` implement; any other non-default setting is refused by name
 GENERATE_SETTINGS = frozenset({
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-    "bos_token_id", "num_beams", "num_return_sequences", "use_cache",
+    "bos_token_id", "num_beams", "num_return_sequences", "use_cache", "length_penalty", "early_stopping",
 })  # fmt: skip
+
+
+class DecodeSettings(NamedTuple):
+    """One `generate` call's resolved settings; hashable, so each port keeps one compiled decoder per settings
+    and shape. `total` is the output length (prompt + new tokens)."""
+
+    total: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: tuple[int, ...]
+    pad: int
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
 
 
 def position_table(config: XGLMConfig) -> np.ndarray:
@@ -57,10 +74,9 @@ def generation_config(directory: Path, config: XGLMConfig) -> GenerationConfig:
 
 
 def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: Any, max_positions: int,
-                       kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple]:  # fmt: skip
-    """One `generate` call's checked (ids, mask, settings); settings = (total length, do_sample, temperature,
-    top_k, top_p, eos ids, pad id), hashable so each port keeps one compiled decoder per settings and shape.
-    Refuses settings the ports lack."""
+                       kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, DecodeSettings]:  # fmt: skip
+    """One `generate` call's checked (ids, mask, settings). Refuses, by name, the settings the ports lack. Sampling
+    with num_return_sequences > 1 repeats each prompt row that many times (as the TF reference and PyTorch do)."""
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (batch, length >= 1), got {ids.shape}")
@@ -70,10 +86,13 @@ def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: A
     gen = base.update(**kwargs)
     gen.validate()
     unsupported = sorted(k for k, v in DEFAULTS.items() if k not in GENERATE_SETTINGS and getattr(gen, k) != v)
-    if unsupported or gen.num_beams != 1 or gen.num_return_sequences != 1:
+    if gen.num_beams > 1 and gen.do_sample:
+        unsupported.append("do_sample with num_beams > 1 (beam sampling)")
+    if unsupported:
         raise NotImplementedError(
-            f"the TensorFlow / Flax generate supports greedy and sampling (temperature, top_k, top_p) only; "
-            f"unsupported settings: {unsupported or ['num_beams / num_return_sequences']}"
+            f"the TensorFlow / Flax generate supports greedy, sampling (temperature, top_k, top_p) and beam search "
+            f"(num_beams, length_penalty, early_stopping), num_return_sequences with either, only; unsupported "
+            f"settings: {unsupported}"
         )
     prompt_length = ids.shape[1]
     total = prompt_length + gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
@@ -84,8 +103,11 @@ def prepare_generation(base: GenerationConfig, input_ids: Any, attention_mask: A
     eos = gen.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos or [0])[0]
-    settings = (total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0), float(gen.top_p or 1.0),
-                tuple(eos), int(pad))  # fmt: skip
+    settings = DecodeSettings(total, gen.do_sample, float(gen.temperature or 1.0), int(gen.top_k or 0),
+                              float(gen.top_p or 1.0), tuple(eos), int(pad), gen.num_beams, float(gen.length_penalty),
+                              gen.early_stopping, gen.num_return_sequences)  # fmt: skip
+    if gen.num_beams == 1 and gen.num_return_sequences > 1:  # sampling: validate() refuses it for greedy
+        ids, mask = np.repeat(ids, gen.num_return_sequences, 0), np.repeat(mask, gen.num_return_sequences, 0)
     return ids, mask, settings
 
 

@@ -19,6 +19,14 @@ BASE = dict(vocab_size=VOCAB, ffn_dim=64, num_layers=2, max_position_embeddings=
             attention_dropout=0.1, activation_dropout=0.1, pad_token_id=PAD, bos_token_id=0,
             eos_token_id=EOS)  # fmt: skip
 
+# (settings, eos, left padding): hypotheses ending on EOS (ids 25 / 39 are frequent in these prompts' beams), the
+# three early_stopping modes, both length_penalty signs, num_return_sequences
+BEAM_CASES = [
+    (dict(num_beams=3, num_return_sequences=3), 25, 2),
+    (dict(num_beams=4, num_return_sequences=2, early_stopping="never", length_penalty=2.0), 39, 0),
+    (dict(num_beams=2, early_stopping=True, length_penalty=-1.0), 25, 2),
+]
+
 
 def rel(expected, actual) -> float:
     expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)

@@ -24,6 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from ..checkpoint import CheckpointError
 from ..generation.config import GenerationConfig
 from ..interop import (
+    DecodeSettings,
     check_positions,
     checkpoint_dir,
     generation_config,
@@ -222,9 +223,11 @@ def causal_lm_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
 
 @dataclass
 class FlaxGenerateOutput:
-    """`sequences`: (B, max_length) prompt + new tokens, pad_token_id after each row's end (the reference's)."""
+    """`sequences`: (B * num_return_sequences, max_length) prompt + new tokens, pad_token_id after each row's end
+    (the reference's); `scores`: beam search's length-penalised sequence scores (B * num_return_sequences,)."""
 
     sequences: jnp.ndarray
+    scores: jnp.ndarray | None = None
 
 
 class FlaxXGLMPreTrainedModel:
@@ -402,17 +405,21 @@ class FlaxXGLMForCausalLM(FlaxXGLMPreTrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, generation_config: Any = None,
                  prng_key: jax.Array | None = None, params: dict | None = None, **kwargs: Any) -> FlaxGenerateOutput:
-        """Greedy or sampled (temperature, top_k, top_p) decoding, left padding allowed. Prefill and the
-        decode loop are one jitted function per (batch, prompt length, max_length, settings)."""
+        """Greedy, sampled (temperature, top_k, top_p) or beam search (num_beams, length_penalty, early_stopping,
+        num_return_sequences: the reference's FlaxGenerationMixin algorithm) decoding, left padding allowed.
+        Sampling with num_return_sequences draws that many rows per prompt (the Flax reference ignores it; the TF
+        and PyTorch ones do this). Prefill and the decode loop are one jitted function per (batch, prompt length,
+        settings)."""
         ids, mask, settings = prepare_generation(generation_config or self.generation_config, input_ids,
                                                  attention_mask, self.config.max_position_embeddings, kwargs)
-        key = settings + ids.shape
+        key = (settings, ids.shape)
         if key not in self._decoders:
-            self._decoders[key] = jax.jit(partial(_decode, self, *settings))
+            decoder = _beam_search if settings.num_beams > 1 else _decode
+            self._decoders[key] = jax.jit(partial(decoder, self, settings))
         rng = prng_key if prng_key is not None else jax.random.PRNGKey(0)
-        sequences = self._decoders[key](params if params is not None else self.params, jnp.asarray(ids),
-                                        jnp.asarray(mask), rng)  # fmt: skip
-        return FlaxGenerateOutput(sequences=sequences)
+        out = self._decoders[key](params if params is not None else self.params, jnp.asarray(ids), jnp.asarray(mask),
+                                  rng)  # fmt: skip
+        return FlaxGenerateOutput(*out) if isinstance(out, tuple) else FlaxGenerateOutput(out)
 
 
 def _extras(config, trace, hidden, output_attentions, output_hidden_states, encoder_hidden_states) -> dict:
@@ -442,29 +449,101 @@ def _choose(logits, rng, do_sample, temperature, top_k, top_p):
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-def _decode(model, total, do_sample, temperature, top_k, top_p, eos, pad, params, ids, mask, rng):
-    """Prefill the prompt into a (B, total) cache, then one token per while_loop iteration."""
+def _prefill(model, params, ids, mask, total):
+    """The prompt through a fresh (B, total) cache: (last logits, cache, mask over all slots, next positions)."""
     B, P = ids.shape
     cache = model.init_cache(B, total)
     full_mask = jnp.concatenate([mask, jnp.ones((B, total - P), mask.dtype)], axis=1)
     positions = jnp.cumsum(mask, axis=-1) - 1  # the reference's generate: pads sit at -1 (the zero row)
+    logits, _, _, cache = model.module.apply({"params": params}, ids, positions, full_mask, cache)
+    return logits[:, -1], cache, full_mask, positions[:, -1:] + 1
+
+
+def _decode(model, s: DecodeSettings, params, ids, mask, rng):
+    """Prefill the prompt into a (B, total) cache, then one token per while_loop iteration."""
+    B, P = ids.shape
+    logits, cache, full_mask, position = _prefill(model, params, ids, mask, s.total)
     apply = partial(model.module.apply, {"params": params})
-    logits, _, _, cache = apply(ids, positions, full_mask, cache)
-    sequences = jnp.full((B, total), pad, jnp.int32).at[:, :P].set(ids)
-    eos_arr = jnp.asarray(eos or (-1,), jnp.int32)
+    sequences = jnp.full((B, s.total), s.pad, jnp.int32).at[:, :P].set(ids)
+    eos_arr = jnp.asarray(s.eos or (-1,), jnp.int32)
 
     def step(state):
         sequences, cache, logits, position, finished, cur, rng = state
         rng, draw = jax.random.split(rng)
-        token = _choose(logits, draw, do_sample, temperature, top_k, top_p).astype(jnp.int32)
-        token = jnp.where(finished, pad, token)
+        token = _choose(logits, draw, s.do_sample, s.temperature, s.top_k, s.top_p).astype(jnp.int32)
+        token = jnp.where(finished, s.pad, token)
         sequences = jax.lax.dynamic_update_slice(sequences, token[:, None], (0, cur))
         finished = finished | jnp.isin(token, eos_arr)
         logits, _, _, cache = apply(token[:, None], position, full_mask, cache)
         return sequences, cache, logits[:, -1], position + 1, finished, cur + 1, rng
 
     def running(state):
-        return (state[5] < total) & ~jnp.all(state[4])
+        return (state[5] < s.total) & ~jnp.all(state[4])
 
-    state = (sequences, cache, logits[:, -1], positions[:, -1:] + 1, jnp.zeros(B, bool), jnp.array(P, jnp.int32), rng)
+    state = (sequences, cache, logits, position, jnp.zeros(B, bool), jnp.array(P, jnp.int32), rng)
     return jax.lax.while_loop(running, step, state)[0]
+
+
+BEAM_NEG = -1.0e7  # the reference's (Flax) score of an empty or excluded hypothesis
+
+
+def _beam_search(model, s: DecodeSettings, params, ids, mask, _rng):  # no draws: _rng keeps _decode's signature
+    """The reference's Flax beam search: each step keeps the top 2K continuations of the K running beams, the
+    top K without EOS keep running (their cache rows gathered from the parent beams), and the EOS-ended ones
+    compete (score / new-length ** length_penalty) for the K finished slots. Returns (sequences, scores)."""
+    B, P = ids.shape
+    K, total, lp = s.num_beams, s.total, s.length_penalty
+    logits, cache, full_mask, position = _prefill(model, params, jnp.repeat(ids, K, 0), jnp.repeat(mask, K, 0), total)
+    apply = partial(model.module.apply, {"params": params})
+    eos_arr = jnp.asarray(s.eos or (-1,), jnp.int32)
+    batch_rows = jnp.arange(B)[:, None]
+
+    def select(cur, running, running_scores, sequences, scores, finished, logits):
+        """One step's choice from (B*K, V) logits; returns the new beam state and each new beam's parent row."""
+        V = logits.shape[-1]
+        log_probs = jax.nn.log_softmax(logits).reshape(B, K, V) + running_scores[:, :, None]
+        top_scores, top_index = jax.lax.top_k(log_probs.reshape(B, K * V), 2 * K)
+        parent = top_index // V
+        candidates = jax.lax.dynamic_update_slice(running[batch_rows, parent], (top_index % V)[:, :, None],
+                                                  (0, 0, cur))  # fmt: skip
+        ended = jnp.isin(candidates[:, :, cur], eos_arr)
+        live_scores = top_scores + ended * BEAM_NEG
+        keep = jax.lax.top_k(live_scores, K)[1]
+        final_scores = top_scores / ((cur + 1 - P) ** lp)
+        full = jnp.broadcast_to(finished.all(axis=-1, keepdims=True), ended.shape) & (s.early_stopping is True)
+        final_scores += (~ended | full) * BEAM_NEG
+        merged_scores = jnp.concatenate([scores, final_scores], axis=1)
+        best = jax.lax.top_k(merged_scores, K)[1]
+        sequences = jnp.concatenate([sequences, candidates], axis=1)[batch_rows, best]
+        finished = jnp.concatenate([finished, ended], axis=1)[batch_rows, best]
+        parent_rows = (batch_rows * K + parent[batch_rows, keep]).reshape(-1)
+        return (cur + 1, candidates[batch_rows, keep], live_scores[batch_rows, keep], sequences,
+                merged_scores[batch_rows, best], finished), parent_rows  # fmt: skip
+
+    def improvable(beams):
+        cur, _, running_scores, _, scores, finished = beams
+        length = (total - P) ** lp if s.early_stopping == "never" and lp > 0.0 else (cur - P) ** lp
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), BEAM_NEG)
+        still_open = ~(jnp.all(finished) & (s.early_stopping is True))
+        return (cur < total) & still_open & jnp.any(running_scores[:, :1] / length > worst_finished)
+
+    def advance(beams, logits, cache, position):
+        beams, parent_rows = select(*beams, logits)
+        return beams, jax.tree_util.tree_map(lambda x: x[parent_rows] if x.ndim else x, cache), position
+
+    def step(state):
+        (cur, running, *_), cache, position = state
+        logits, _, _, cache = apply(running[:, :, cur - 1].reshape(B * K, 1), position, full_mask, cache)
+        return advance(state[0], logits[:, -1], cache, position + 1)
+
+    running = jnp.full((B, K, total), s.pad, jnp.int32).at[:, :, :P].set(ids[:, None])
+    running_scores = jnp.tile(jnp.array([0.0] + [BEAM_NEG] * (K - 1)), (B, 1))
+    beams = (jnp.array(P, jnp.int32), running, running_scores, jnp.full((B, K, total), s.pad, jnp.int32),
+             jnp.full((B, K), BEAM_NEG), jnp.zeros((B, K), bool))  # fmt: skip
+    state = advance(beams, logits, cache, position)  # the first step runs unconditionally, as the reference's
+    cur, running, running_scores, sequences, scores, finished = jax.lax.while_loop(
+        lambda state: improvable(state[0]), step, state)[0]  # fmt: skip
+    any_finished = jnp.any(finished, axis=1)  # a row with no finished hypothesis returns its running beams
+    sequences = jnp.where(any_finished[:, None, None], sequences, running)[:, : s.num_return_sequences]
+    scores = jnp.where(any_finished[:, None], scores, running_scores)[:, : s.num_return_sequences]
+    return sequences.reshape(-1, total), scores.reshape(-1)

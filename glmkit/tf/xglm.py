@@ -1,8 +1,9 @@
 """XGLM in TensorFlow: Keras 2 models (tf-keras), layer and weight names those of the reference's TFXGLM*, so
 tf_model.h5 files load both ways.
 
-`past_key_values` in calls is the reference's: per layer (k, v) of shape (B, H, S, D), grown by concatenation.
-`generate` instead writes into preallocated buffers inside one XLA-compiled function (prefill + while loop).
+`past_key_values` in calls is the reference's: per layer (k, v) of shape (B, H, S, D), grown by concatenation,
+plus the cross-attention (k, v) after a call with encoder_hidden_states. `generate` instead writes into
+preallocated buffers inside one XLA-compiled function (prefill + while loop; beam search gathers their rows).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 from ..checkpoint import CheckpointError
 from ..generation.config import GenerationConfig
 from ..interop import (
+    DecodeSettings,
     check_positions,
     checkpoint_dir,
     generation_config,
@@ -38,8 +40,8 @@ _ACTS = {"gelu": partial(tf.nn.gelu, approximate=False), "gelu_new": partial(tf.
 
 
 class TFXGLMAttention(keras.layers.Layer):
-    """Multi-head attention; `past` (k, v) is extended by concatenation, `buffers` (k, v, index) are written
-    in place (XLA only)."""
+    """Multi-head attention; `past` (k, v) is extended by concatenation (cross-attention reuses it as is),
+    `buffers` (k, v, index) are written in place (XLA only); `head_mask` (H,) scales each head's weights."""
 
     def __init__(self, config: XGLMConfig, **kwargs: Any):
         super().__init__(**kwargs)
@@ -55,17 +57,22 @@ class TFXGLMAttention(keras.layers.Layer):
         B, S = tf.shape(x)[0], tf.shape(x)[1]
         return tf.transpose(tf.reshape(x, (B, S, self.heads, self.head_dim)), (0, 2, 1, 3))  # (B, H, S, D)
 
-    def call(self, x, bias, kv_states=None, past=None, buffers=None, training=False):
+    def call(self, x, bias, kv_states=None, past=None, buffers=None, head_mask=None, training=False):
         q = self._split(self.q_proj(x) * self.head_dim**-0.5)
-        src = x if kv_states is None else kv_states
-        k, v = self._split(self.k_proj(src)), self._split(self.v_proj(src))
-        if past is not None:
-            k, v = tf.concat([past[0], k], axis=2), tf.concat([past[1], v], axis=2)
+        if kv_states is not None and past is not None:  # the encoder's keys, cached by an earlier call
+            k, v = past
+        else:
+            src = x if kv_states is None else kv_states
+            k, v = self._split(self.k_proj(src)), self._split(self.v_proj(src))
+            if past is not None:
+                k, v = tf.concat([past[0], k], axis=2), tf.concat([past[1], v], axis=2)
         if buffers is not None:
             k_buf, v_buf, index = buffers
             k = dynamic_update_slice(k_buf, k, tf.stack([0, 0, index, 0]))
             v = dynamic_update_slice(v_buf, v, tf.stack([0, 0, index, 0]))
         weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) + bias, axis=-1)  # (B, H, T, S)
+        if head_mask is not None:  # the reference's: the returned weights are the masked ones
+            weights = tf.cast(head_mask, weights.dtype)[None, :, None, None] * weights
         out = tf.matmul(self.dropout(weights, training=training), v)  # (B, H, T, D)
         B, T = tf.shape(x)[0], tf.shape(x)[1]
         out = tf.reshape(tf.transpose(out, (0, 2, 1, 3)), (B, T, self.heads * self.head_dim))
@@ -90,13 +97,19 @@ class TFXGLMDecoderLayer(keras.layers.Layer):
             raise ValueError(f"activation_function {config.activation_function!r} is not implemented in glmkit.tf")
         self.act = _ACTS[config.activation_function]
 
-    def call(self, x, bias, enc=None, past=None, buffers=None, training=False):
-        h, weights, kv = self.self_attn(self.self_attn_layer_norm(x), bias, None, past, buffers, training)
+    def call(self, x, bias, enc=None, past=None, buffers=None, head_masks=(None, None), training=False):
+        """past: the reference's per-layer cache, (k, v) or, after a cross-attention call, (k, v, cross k, cross v);
+        the returned cache has the same form."""
+        h, weights, kv = self.self_attn(self.self_attn_layer_norm(x), bias, None, past[:2] if past else None,
+                                        buffers, head_masks[0], training)  # fmt: skip
         x = x + self.dropout(h, training=training)
         cross = None
         if enc is not None:
-            h, cross, _ = self.encoder_attn(self.encoder_attn_layer_norm(x), enc[1], enc[0], training=training)
+            cached = past[2:] if past is not None and len(past) == 4 else None
+            h, cross, cross_kv = self.encoder_attn(self.encoder_attn_layer_norm(x), enc[1], enc[0], cached,
+                                                   head_mask=head_masks[1], training=training)  # fmt: skip
             x = x + self.dropout(h, training=training)
+            kv = (*kv, *cross_kv)
         h = self.activation_dropout(self.act(self.fc1(self.final_layer_norm(x))), training=training)
         return x + self.dropout(self.fc2(h), training=training), weights, cross, kv
 
@@ -139,9 +152,10 @@ class TFXGLMMainLayer(keras.layers.Layer):
         self.layer_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="layer_norm")
 
     def call(self, ids, positions, mask, start, past=None, buffers=None, inputs_embeds=None, enc=None,
-             training=False):  # fmt: skip
+             head_masks=(None, None), training=False):  # fmt: skip
         """ids (B, T) at positions (B, T); mask (B, S) over every key slot; queries sit at slots start… .
-        Returns (hidden, per-layer inputs + final, attentions, cross attentions, new (k, v) per layer)."""
+        head_masks: (self, cross) (num_layers, H) or None. Returns (hidden, per-layer inputs + final, attentions,
+        cross attentions, new cache per layer)."""
         x = self.embed_tokens(ids) * self.embed_scale if inputs_embeds is None else inputs_embeds
         x = self.dropout(tf.cast(x, tf.float32) + tf.gather(self.positions, positions + 2), training=training)
         bias = _bias(mask, start, tf.shape(x)[1])
@@ -149,8 +163,9 @@ class TFXGLMMainLayer(keras.layers.Layer):
         for i, layer in enumerate(self.layers):
             hidden.append(x)
             layer_buffers = (*buffers[i], start) if buffers is not None else None
+            layer_masks = tuple(m[i] if m is not None else None for m in head_masks)
             x, weights, cross, kv = layer(x, bias, enc, past[i] if past is not None else None, layer_buffers,
-                                          training=training)  # fmt: skip
+                                          layer_masks, training=training)  # fmt: skip
             attns.append(weights)
             crosses.append(cross)
             kvs.append(kv)
@@ -204,12 +219,25 @@ class TFXGLMPreTrainedModel(keras.Model):
         return ids, tf.constant(position_ids, tf.int32), tf.constant(mask, tf.float32), past_len, enc
 
     def _run(self, input_ids, attention_mask, position_ids, encoder_hidden_states, encoder_attention_mask,
-             past_key_values, inputs_embeds, training):  # fmt: skip
+             head_mask, cross_attn_head_mask, past_key_values, inputs_embeds, training):  # fmt: skip
         ids, positions, mask, start, enc = self._prepare(input_ids, inputs_embeds, attention_mask, position_ids,
                                                          past_key_values, encoder_hidden_states,
                                                          encoder_attention_mask)  # fmt: skip
+        head_masks = (self._head_mask(head_mask, "head_mask"),
+                      self._head_mask(cross_attn_head_mask, "cross_attn_head_mask"))  # fmt: skip
         return self.model(ids, positions, mask, start, past=past_key_values, inputs_embeds=inputs_embeds, enc=enc,
-                          training=training)  # fmt: skip
+                          head_masks=head_masks, training=training)  # fmt: skip
+
+    def _head_mask(self, mask: Any, name: str) -> tf.Tensor | None:
+        """A (num_layers, attention_heads) multiplier of each head's attention weights (1 keeps, 0 drops)."""
+        if mask is None:
+            return None
+        mask = tf.convert_to_tensor(mask, tf.float32)
+        expected = (self.config.num_layers, self.config.attention_heads)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"{name} must have shape (num_layers, attention_heads) = {expected}, "
+                             f"got {tuple(mask.shape)}")  # fmt: skip
+        return mask
 
     def _outputs(self, hidden, attns, crosses, kvs, use_cache, output_attentions, output_hidden_states, enc):
         attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -311,11 +339,12 @@ class TFXGLMModel(TFXGLMPreTrainedModel):
     """The bare decoder: last_hidden_state after the final LayerNorm (the reference's TFXGLMModel)."""
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, encoder_hidden_states=None,
-             encoder_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
-             output_attentions=None, output_hidden_states=None, return_dict=None, training=False):  # fmt: skip
+             encoder_attention_mask=None, head_mask=None, cross_attn_head_mask=None, past_key_values=None,
+             inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+             training=False):  # fmt: skip
         x, hidden, attns, crosses, kvs = self._run(input_ids, attention_mask, position_ids, encoder_hidden_states,
-                                                   encoder_attention_mask, past_key_values, inputs_embeds,
-                                                   training)  # fmt: skip
+                                                   encoder_attention_mask, head_mask, cross_attn_head_mask,
+                                                   past_key_values, inputs_embeds, training)  # fmt: skip
         out = BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x, **self._outputs(
             hidden, attns, crosses, kvs, use_cache, output_attentions, output_hidden_states, encoder_hidden_states))
         return out if return_dict is not False else out.to_tuple()
@@ -331,11 +360,12 @@ class TFXGLMForCausalLM(TFXGLMPreTrainedModel):
         self._decoders: dict[tuple, Any] = {}
 
     def call(self, input_ids=None, attention_mask=None, position_ids=None, encoder_hidden_states=None,
-             encoder_attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-             output_attentions=None, output_hidden_states=None, return_dict=None, training=False):  # fmt: skip
+             encoder_attention_mask=None, head_mask=None, cross_attn_head_mask=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+             return_dict=None, training=False):  # fmt: skip
         x, hidden, attns, crosses, kvs = self._run(input_ids, attention_mask, position_ids, encoder_hidden_states,
-                                                   encoder_attention_mask, past_key_values, inputs_embeds,
-                                                   training)  # fmt: skip
+                                                   encoder_attention_mask, head_mask, cross_attn_head_mask,
+                                                   past_key_values, inputs_embeds, training)  # fmt: skip
         logits = self.lm_head(x)
         loss = causal_lm_loss(logits, tf.convert_to_tensor(labels)) if labels is not None else None
         out = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, **self._outputs(
@@ -344,12 +374,15 @@ class TFXGLMForCausalLM(TFXGLMPreTrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, generation_config: Any = None,
                  seed: tuple[int, int] = (0, 0), **kwargs: Any) -> tf.Tensor:
-        """Greedy or sampled (temperature, top_k, top_p) decoding, left padding allowed; returns (B, max_length)
-        ids with pad_token_id after each row's end. One XLA compile per (batch, prompt length, settings)."""
+        """Greedy, sampled (temperature, top_k, top_p) or beam search (num_beams, length_penalty, early_stopping,
+        num_return_sequences: the reference's TFGenerationMixin algorithm) decoding, left padding allowed; returns
+        (B * num_return_sequences, max_length) ids with pad_token_id after each row's end. One XLA compile per
+        (batch, prompt length, settings)."""
         ids, mask, settings = prepare_generation(generation_config or self.generation_config, input_ids,
                                                  attention_mask, self.config.max_position_embeddings, kwargs)
         if settings not in self._decoders:
-            self._decoders[settings] = tf.function(partial(_decode, self, *settings), jit_compile=True,
+            decoder = _beam_search if settings.num_beams > 1 else _decode
+            self._decoders[settings] = tf.function(partial(decoder, self, settings), jit_compile=True,
                                                    autograph=False)  # fmt: skip
         return self._decoders[settings](tf.constant(ids), tf.constant(mask), tf.constant(seed, tf.int32))
 
@@ -379,8 +412,8 @@ def _choose(logits, seed, do_sample, temperature, top_k, top_p):
     return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
 
 
-def _decode(model, total, do_sample, temperature, top_k, top_p, eos, pad, ids, mask, seed):
-    """Prefill the prompt into (B, H, total, D) buffers, then one token per while_loop iteration."""
+def _prefill(model, ids, mask, total):
+    """The prompt into fresh (B, H, total, D) buffers: (last logits, buffers, mask over all slots, next positions)."""
     c = model.config
     B, P = ids.shape
     shape = (B, c.attention_heads, total, c.d_model // c.attention_heads)
@@ -388,20 +421,93 @@ def _decode(model, total, do_sample, temperature, top_k, top_p, eos, pad, ids, m
     full_mask = tf.concat([tf.cast(mask, tf.float32), tf.ones((B, total - P))], axis=1)
     positions = tf.maximum(tf.cumsum(mask, axis=-1) - 1, -1)  # pads at -1 (the zero row), as the Flax reference
     x, _, _, _, buffers = model.model(ids, positions, full_mask, tf.constant(0), buffers=buffers)
-    logits = model.lm_head(x[:, -1])
-    sequences = tf.concat([ids, tf.fill((B, total - P), pad)], axis=1)
-    eos_ids_ = tf.constant(list(eos) or [-1], tf.int32)
+    return model.lm_head(x[:, -1]), buffers, full_mask, positions[:, -1:] + 1
+
+
+def _decode(model, s: DecodeSettings, ids, mask, seed):
+    """Prefill the prompt into (B, H, total, D) buffers, then one token per while_loop iteration."""
+    B, P = ids.shape
+    logits, buffers, full_mask, position = _prefill(model, ids, mask, s.total)
+    sequences = tf.concat([ids, tf.fill((B, s.total - P), s.pad)], axis=1)
+    eos_ids_ = tf.constant(list(s.eos) or [-1], tf.int32)
 
     def step(sequences, buffers, logits, position, finished, cur):
-        token = _choose(logits, tf.stack([seed[0], seed[1] + cur]), do_sample, temperature, top_k, top_p)
-        token = tf.where(finished, pad, token)
+        token = _choose(logits, tf.stack([seed[0], seed[1] + cur]), s.do_sample, s.temperature, s.top_k, s.top_p)
+        token = tf.where(finished, s.pad, token)
         sequences = dynamic_update_slice(sequences, token[:, None], tf.stack([0, cur]))
         finished = finished | tf.reduce_any(token[:, None] == eos_ids_[None], axis=-1)
         x, _, _, _, buffers = model.model(token[:, None], position, full_mask, cur, buffers=buffers)
         return sequences, buffers, model.lm_head(x[:, -1]), position + 1, finished, cur + 1
 
     def running(sequences, buffers, logits, position, finished, cur):
-        return (cur < total) & ~tf.reduce_all(finished)
+        return (cur < s.total) & ~tf.reduce_all(finished)
 
-    state = (sequences, buffers, logits, positions[:, -1:] + 1, tf.zeros(B, tf.bool), tf.constant(P))
+    state = (sequences, buffers, logits, position, tf.zeros(B, tf.bool), tf.constant(P))
     return tf.while_loop(running, step, state)[0]
+
+
+BEAM_NEG = -1.0e9  # the reference's (TF) score of an empty or excluded hypothesis
+
+
+def _beam_search(model, s: DecodeSettings, ids, mask, _seed):  # no draws: _seed keeps _decode's signature
+    """The reference's TF beam search: each step keeps the top 2K continuations of the K running beams, the top
+    K without EOS keep running (their buffer rows gathered from the parent beams), and EOS among the first K
+    candidates ends a hypothesis, competing (score / new-length ** length_penalty) for the K finished slots."""
+    B, P = ids.shape
+    K, total, lp = s.num_beams, s.total, s.length_penalty
+    logits, buffers, full_mask, position = _prefill(model, tf.repeat(ids, K, 0), tf.repeat(mask, K, 0), total)
+    eos_ids_ = tf.constant(list(s.eos) or [-1], tf.int32)
+    first_half = tf.concat([tf.ones(K, tf.bool), tf.zeros(K, tf.bool)], axis=0)
+    gather = partial(tf.gather, axis=1, batch_dims=1)
+
+    def select(cur, running, running_scores, sequences, scores, finished, logits):
+        """One step's choice from (B*K, V) logits; returns the new beam state and each new beam's parent row."""
+        V = logits.shape[-1]
+        log_probs = tf.reshape(tf.nn.log_softmax(logits), (B, K, V)) + running_scores[:, :, None]
+        top_scores, top_index = tf.math.top_k(tf.reshape(log_probs, (B, K * V)), 2 * K)
+        parent = top_index // V
+        candidates = tf.where(tf.range(total) == cur, (top_index % V)[:, :, None], gather(running, parent))
+        eos_next = tf.reduce_any(candidates[:, :, cur][..., None] == eos_ids_, axis=-1)
+        ended = eos_next & first_half
+        live_scores = top_scores + tf.cast(eos_next, tf.float32) * BEAM_NEG
+        keep = tf.math.top_k(live_scores, K).indices
+        final_scores = top_scores / (tf.cast(cur + 1 - P, tf.float32) ** lp)
+        full = tf.broadcast_to(tf.reduce_all(finished, axis=-1, keepdims=True), ended.shape)
+        full = full & (s.early_stopping is True)
+        final_scores += tf.cast(~ended | full, tf.float32) * BEAM_NEG
+        merged_scores = tf.concat([scores, final_scores], axis=1)
+        best = tf.math.top_k(merged_scores, K).indices
+        parent_rows = tf.reshape(tf.range(B)[:, None] * K + gather(parent, keep), (-1,))
+        return (cur + 1, gather(candidates, keep), gather(live_scores, keep),
+                gather(tf.concat([sequences, candidates], axis=1), best), gather(merged_scores, best),
+                gather(tf.concat([finished, ended], axis=1), best)), parent_rows  # fmt: skip
+
+    def improvable(cur, running, running_scores, sequences, scores, finished):
+        if s.early_stopping == "never" and lp > 0.0:
+            best_running = running_scores[:, :1] / ((total - P) ** lp)
+        else:
+            best_running = running_scores[:, :1] / (tf.cast(cur - P, tf.float32) ** lp)
+        worst_finished = tf.where(finished, tf.reduce_min(scores, axis=1, keepdims=True), BEAM_NEG)
+        still_open = ~(tf.reduce_all(finished) & (s.early_stopping is True))
+        return (cur < total) & still_open & tf.reduce_any(best_running > worst_finished)
+
+    def advance(beams, logits, buffers, position):
+        beams, parent_rows = select(*beams, logits)
+        return beams, tf.nest.map_structure(lambda x: tf.gather(x, parent_rows), buffers), position
+
+    def step(beams, buffers, position):
+        cur, running = beams[:2]
+        x, _, _, _, buffers = model.model(tf.reshape(running[:, :, cur - 1], (B * K, 1)), position, full_mask,
+                                          cur - 1, buffers=buffers)  # fmt: skip
+        return advance(beams, model.lm_head(x[:, -1]), buffers, position + 1)
+
+    running = tf.concat([tf.broadcast_to(ids[:, None], (B, K, P)), tf.fill((B, K, total - P), s.pad)], axis=-1)
+    running_scores = tf.tile(tf.constant([[0.0] + [BEAM_NEG] * (K - 1)]), (B, 1))
+    beams = (tf.constant(P), running, running_scores, tf.fill((B, K, total), s.pad), tf.fill((B, K), BEAM_NEG),
+             tf.zeros((B, K), tf.bool))  # fmt: skip
+    state = advance(beams, logits, buffers, position)  # the first step runs unconditionally, as the reference's
+    cur, running, running_scores, sequences, scores, finished = tf.while_loop(
+        lambda beams, buffers, position: improvable(*beams), step, state)[0]  # fmt: skip
+    any_finished = tf.reduce_any(finished, axis=1)  # a row with no finished hypothesis returns its running beams
+    sequences = tf.where(any_finished[:, None, None], sequences, running)[:, : s.num_return_sequences]
+    return tf.reshape(sequences, (-1, total))

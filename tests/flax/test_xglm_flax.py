@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import transformers  # noqa: E402
 from conftest import scale_weights  # noqa: E402
-from xglm_oracles import BASE, PAD, VOCAB, batch, close, model_builder, rel  # noqa: E402
+from xglm_oracles import BASE, BEAM_CASES, PAD, VOCAB, batch, close, model_builder, rel  # noqa: E402
 
 import glmkit  # noqa: E402
 from glmkit.checkpoint import CheckpointError  # noqa: E402
@@ -140,12 +140,27 @@ def test_greedy_generation_left_padded(built):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
+@pytest.mark.parametrize("settings,eos,left_pad", BEAM_CASES[:2])
+def test_beam_search_token_identical(built, settings, eos, left_pad):
+    """Sequences (and sequence scores) equal the Flax reference's beam search, finished hypotheses included."""
+    _, flax_ref, ours, _, _ = built("gelu_scaled")
+    ids, mask = batch(T=5, left_pad=left_pad)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, **settings)
+    expected = flax_ref.generate(ids, attention_mask=mask, max_length=17, pad_token_id=PAD, eos_token_id=eos,
+                                 **settings)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got.sequences), np.asarray(expected.sequences))
+    assert (np.asarray(got.sequences)[:, 5:] == eos).any()
+    close(expected.scores, got.scores, "beam scores", rtol=1e-4)
+
+
 def test_sampling(built):
     _, _, ours, _, _ = built("gelu_scaled")
     ids, mask = batch(T=4)
     greedy = ours.generate(ids, max_new_tokens=8).sequences
     top1 = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, prng_key=jax.random.PRNGKey(3)).sequences
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
+    copies = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).sequences
+    np.testing.assert_array_equal(np.repeat(np.asarray(greedy), 3, 0), np.asarray(copies))
     draw = lambda seed: np.asarray(ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=2.0, top_p=0.9,
                                                  prng_key=jax.random.PRNGKey(seed)).sequences)  # fmt: skip
     np.testing.assert_array_equal(draw(1), draw(1))
@@ -211,8 +226,8 @@ def test_bad_inputs(built, tmp_path):
         ours(np.array([[3, VOCAB]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ours(np.ones((1, 3), np.int32), position_ids=np.array([[0, 1, 40]]))
-    with pytest.raises(NotImplementedError, match="num_beams"):
-        ours.generate(np.ones((1, 3), np.int32), num_beams=2)
+    with pytest.raises(NotImplementedError, match="beam sampling"):
+        ours.generate(np.ones((1, 3), np.int32), num_beams=2, do_sample=True)
     with pytest.raises(NotImplementedError, match="repetition_penalty"):
         ours.generate(np.ones((1, 3), np.int32), repetition_penalty=1.3)
     with pytest.raises(ValueError, match="cache holds"):

@@ -16,7 +16,7 @@ if not os.environ.get("GLMKIT_REQUIRE_TF"):
 import tensorflow as tf  # noqa: E402
 import transformers  # noqa: E402
 from conftest import scale_weights  # noqa: E402
-from xglm_oracles import BASE, PAD, VOCAB, batch, close, model_builder, rel  # noqa: E402
+from xglm_oracles import BASE, BEAM_CASES, PAD, VOCAB, batch, close, model_builder, rel  # noqa: E402
 
 import glmkit  # noqa: E402
 from glmkit.checkpoint import CheckpointError  # noqa: E402
@@ -126,11 +126,30 @@ def test_greedy_generation_left_padded(built):
     np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
 
 
+@pytest.mark.parametrize("settings,eos,left_pad", BEAM_CASES)
+def test_beam_search_token_identical(built, settings, eos, left_pad):
+    """Sequences equal the TF reference's beam search (eager: cut where its loop stopped), finished hypotheses
+    included."""
+    _, tf_ref, ours, _, _ = built("gelu_scaled")
+    ids, mask = batch(T=5, left_pad=left_pad)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, **settings).numpy()
+    expected = tf_ref.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=PAD, eos_token_id=eos,
+                               **settings).numpy()  # fmt: skip
+    assert got.shape[0] == expected.shape[0] == 2 * settings.get("num_return_sequences", 1)
+    np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
+    assert (got[:, expected.shape[1] :] == PAD).all()
+    assert (got[:, 5:] == eos).any()
+
+
 def test_sampling(built):
-    _, _, ours, _, _ = built("gelu_scaled")
+    _, tf_ref, ours, _, _ = built("gelu_scaled")
     ids, _ = batch(T=4)
     greedy = ours.generate(ids, max_new_tokens=8).numpy()
     np.testing.assert_array_equal(greedy, ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1).numpy())
+    copies = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).numpy()
+    expected = tf_ref.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3).numpy()
+    assert copies.shape[0] == expected.shape[0] == 3 * len(ids)  # each prompt 3 times, in order
+    np.testing.assert_array_equal(copies[:, : expected.shape[1]], expected)
     draw = lambda seed: ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=2.0, top_p=0.9,
                                       seed=(seed, 0)).numpy()  # fmt: skip
     np.testing.assert_array_equal(draw(1), draw(1))
@@ -176,6 +195,24 @@ def test_cross_attention(tmp_path):
                                                        for k, v in kwargs.items()})  # fmt: skip
     close(expected.logits.numpy(), out.logits, "cross-attention logits vs glmkit PyTorch")
     close(expected.cross_attentions[1].numpy(), out.cross_attentions[1], "cross-attention weights")
+    # head masks (the reference scales each head's weights after the softmax) and the cache of a cross-attention
+    # call (per layer: self k, v, cross k, v), continued by one cached step
+    rng = np.random.default_rng(3)
+    masks = dict(head_mask=(rng.random((2, 5)) > 0.4).astype(np.float32),
+                 cross_attn_head_mask=rng.random((2, 5)).astype(np.float32))  # fmt: skip
+    out = ours(ids[:, :6], **{**kwargs, "attention_mask": mask[:, :6]}, **masks, use_cache=True)
+    ref_out = tf_ref(ids[:, :6], **{**kwargs, "attention_mask": mask[:, :6]}, **masks, use_cache=True)
+    close(ref_out.logits, out.logits, "head-masked logits vs TF reference")
+    for name in ("attentions", "cross_attentions"):
+        for i, (e, a) in enumerate(zip(ref_out[name], out[name])):
+            close(e, a, f"head-masked {name} {i} vs TF reference")
+    for layer, (e, a) in enumerate(zip(ref_out.past_key_values, out.past_key_values)):
+        assert len(e) == len(a) == 4, f"layer {layer}: cache entries {len(e)} (reference) vs {len(a)}"
+        for e_t, a_t in zip(e, a):
+            close(e_t, a_t, f"layer {layer} cache")
+    step = dict(kwargs, attention_mask=mask, use_cache=True)
+    close(tf_ref(ids[:, 6:], past_key_values=ref_out.past_key_values, **step).logits,
+          ours(ids[:, 6:], past_key_values=out.past_key_values, **step).logits, "cached cross-attention step")
 
 
 def test_dropout_only_in_training(built):
@@ -194,8 +231,10 @@ def test_bad_inputs(built, tmp_path):
         ours(np.ones((1, 3), np.int32), position_ids=np.array([[0, 1, 40]]))
     with pytest.raises(ValueError, match="attention_mask"):
         ours(np.ones((1, 3), np.int32), attention_mask=np.ones((1, 4)))
-    with pytest.raises(NotImplementedError, match="num_beams"):
-        ours.generate(np.ones((1, 3), np.int32), num_beams=2)
+    with pytest.raises(NotImplementedError, match="beam sampling"):
+        ours.generate(np.ones((1, 3), np.int32), num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="head_mask"):
+        ours(np.ones((1, 3), np.int32), head_mask=np.ones((BASE["num_layers"], 3)))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     (tmp_path / "tf_model.h5").write_bytes(b"not hdf5")
     with pytest.raises(CheckpointError, match="tf_model.h5"):
