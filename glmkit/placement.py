@@ -217,7 +217,8 @@ def dispatch(model: nn.Module, plan: dict[str, torch.device], device_map: str | 
     is named once."""
     for name, device in plan.items():
         module = model.get_submodule(name).to(device)
-        module.register_forward_pre_hook(_mover(device), with_kwargs=True)
+        if any(True for _ in (*module.parameters(), *module.buffers())):  # (a weightless one, e.g. the rotary
+            module.register_forward_pre_hook(_mover(device), with_kwargs=True)  # tables, runs where called)
     reported = {name: _reported(device) for name, device in plan.items()}
     model.hf_device_map = dict(device_map) if isinstance(device_map, dict) else _merged(reported)
     return model
