@@ -189,8 +189,9 @@ class KVCache(CacheAPIMixin):
             values[:, :, start : self.seen] = v
             return keys[:, :, : self.seen], values[:, :, : self.seen]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        keys[rows, :, self._slots] = k.transpose(1, 2)  # (B, T, Hkv, D) into (B, Hkv, S, D) at each row's slots
-        values[rows, :, self._slots] = v.transpose(1, 2)
+        slots = self._slots.to(k.device)  # the row state lives on the first device; this layer may not
+        keys[rows, :, slots] = k.transpose(1, 2)  # (B, T, Hkv, D) into (B, Hkv, S, D) at each row's slots
+        values[rows, :, slots] = v.transpose(1, 2)
         if self.static:
             return keys, values
         return keys[:, :, : self.seen], values[:, :, : self.seen]
@@ -218,8 +219,8 @@ class KVCache(CacheAPIMixin):
         if self.lengths is None:
             return
         index = index.to(self.lengths.device)
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]  # each layer on its own device
+        self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
         self.lengths = self.lengths.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
         self.valid = self.valid.index_select(0, index)

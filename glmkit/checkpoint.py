@@ -262,17 +262,13 @@ def infer_device() -> torch.device:
 
 
 def resolve_device(device_map: str | int | torch.device | dict | None) -> torch.device:
-    """glmkit keeps a model on one device: "auto", "cpu", "cuda", "cuda:1", an index, or {"": device}."""
+    """The one device of a whole model: "auto", "cpu", "cuda", "cuda:1", an index, or {"": device} (a plan over
+    several devices is glmkit.placement's)."""
     if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise ValueError(
-                "glmkit places the whole model on one device; a per-module device_map is not supported "
-                f"(got keys {sorted(device_map)[:4]}…). Pass a single device."
-            )
         device_map = device_map[""]
     if device_map is None:
         return torch.device("cpu")
-    if device_map == "auto":
+    if device_map in ("auto", "balanced", "sequential"):  # several devices are glmkit.placement's
         return infer_device()
     if isinstance(device_map, int) and not isinstance(device_map, bool):
         device = torch.device("cuda", device_map)

@@ -22,6 +22,7 @@ from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 from .hub import pop_hub_kwargs
 from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
 from .outputs import BaseModelOutputWithPast, ModelOutput
+from .placement import DeviceMapError, device_of, dispatch, plan_device_map, wants_placement
 from .quant import prepare_loading, resolve_spec
 from .reference_api import (
     LoadingOptions,
@@ -161,6 +162,7 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         tp_plan: str | None = None,
         tp_size: int | None = None,
         device_mesh: Any = None,
+        max_memory: dict | None = None,
         gguf_file: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
@@ -171,6 +173,8 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         launch, each rank reading only its own slices (glmkit.distributed).
         `gguf_file="model.Q8_0.gguf"` (or a path to a .gguf file) loads llama.cpp's format (glmkit.quant.gguf);
         a directory holding Adept's original Persimmon release loads too (glmkit.models.adept).
+        `device_map="auto"|"balanced"|"sequential"|{module: device}` with several devices (and `max_memory=`)
+        places the layers over them in one process (glmkit.placement); `model.hf_device_map` reports the plan.
 
         Extra keyword arguments override config.json fields (e.g. `num_labels=3`). Every problem with
         the weights (missing, unexpected, wrong shape) is raised before any tensor is read, unless asked to
@@ -197,19 +201,25 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
             config._attn_implementation = check_attn_implementation(attn_implementation)
         reader = source.reader(cls, config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
-        tp_group = None
+        tp_group, placed = None, wants_placement(device_map, max_memory)
         if tp_plan is not None or tp_size is not None or device_mesh is not None:
             from .distributed import tensor_parallel_group
 
             tp_group, device = tensor_parallel_group(tp_plan, tp_size, device_mesh, device_map)
-        else:
+        elif not placed:
             device = loading_device(resolve_device(device_map), device_map)
         with torch.device("meta"):
             model = cls(config)
+        plan = plan_device_map(model, device_map, target_dtype, max_memory) if placed and tp_group is None else None
+        if plan is not None:
+            device = next(iter(plan.values()))
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
         if tp_group is not None and (quant is not None or adapter is not None or source.kind == "gguf"):
             raise ValueError("quantization and tensor parallelism cannot be combined yet (nor GGUF files or LoRA "
                              "adapters with tensor parallelism): load with one of them")  # fmt: skip
+        if plan is not None and (quant is not None or source.kind == "gguf"):
+            raise DeviceMapError("quantization (and GGUF files) cannot be combined with a device_map over several "
+                                 "devices yet: load on one device")  # fmt: skip
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
         elif source.kind == "gguf":  # the file's int4 blocks go to int4 linears as they are
@@ -221,10 +231,12 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         names = model._match_checkpoint(reader, options)
         state = {}
         for ours, theirs in names.items():  # floating tensors arrive in the target dtype, converted in slices
-            state[ours] = read_weight(reader, theirs, target_dtype, device)
+            state[ours] = read_weight(reader, theirs, target_dtype, device if plan is None else device_of(plan, ours))
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         model._materialize_missing(device, target_dtype)
+        if plan is not None:
+            dispatch(model, plan, device_map)
         generation_file = source.directory / GENERATION_CONFIG_NAME if source.directory else None
         if source.kind != "gguf" and hasattr(model, "generation_config") and generation_file and \
                 generation_file.is_file():
@@ -355,7 +367,7 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
 
 _FROM_PRETRAINED_KWARGS = ("config", "dtype", "torch_dtype", "device_map", "attn_implementation", "quantization",
                            "quantization_config", "revision", "local_files_only", "cache_dir", "token",
-                           "adapter", "tp_plan", "tp_size", "device_mesh")  # fmt: skip
+                           "adapter", "tp_plan", "tp_size", "device_mesh", "max_memory")  # fmt: skip
 
 
 def _did_you_mean(name: str) -> str:

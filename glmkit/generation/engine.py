@@ -22,6 +22,7 @@ import torch
 from ..attn_backends import FLASH, AttentionBackendError, flash_mask
 from ..cache import KVCache
 from ..modeling import check_token_ids
+from ..placement import DeviceMapError, spans_devices
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds prefill memory
 CHECK_EVERY = 8  # decode steps between host syncs for "all rows finished"
@@ -51,7 +52,7 @@ def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask:
     hidden = base.core(x, positions, mask, cache)
     if last_only:
         hidden = hidden[:, -1]  # (B, C)
-    return model.lm_head(hidden).float()
+    return model.lm_head(hidden).float().to(tokens.device)  # from the head's device, under a device_map
 
 
 # ---- the compiled step ------------------------------------------------------------------------------
@@ -128,6 +129,9 @@ class Decoder:
                 raise AttentionBackendError("attn_implementation='flash_attention_2' does not run in the compiled "
                                             "decode step (its unpadding syncs with the host): use compile=False, "
                                             "or 'sdpa' / 'flex_attention' with compile=True")  # fmt: skip
+            if spans_devices(model):
+                raise DeviceMapError("compile=True does not run on a model placed over several devices "
+                                     "(device_map): use compile=False, or load it on one device")  # fmt: skip
             self.compiled = compiled_step(model, compile if isinstance(compile, dict) else None)
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
