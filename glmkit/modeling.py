@@ -18,7 +18,7 @@ from .attn_backends import FLASH, check_attn_implementation, flash_mask
 from .cache import Cache, KVCache, as_cache
 from .checkpoint import CheckpointError, WeightReader, resolve_device, resolve_dtype, stage_state_dict
 from .config import IGNORED_LOADING_KWARGS, PretrainedConfig, unknown_overrides
-from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
+from .generation.config import GenerationConfig
 from .hub import pop_hub_kwargs
 from .layers import RMSNorm, build_attention_mask, packed_documents, restrict_to_documents
 from .outputs import BaseModelOutputWithPast, ModelOutput
@@ -201,25 +201,11 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
             config._attn_implementation = check_attn_implementation(attn_implementation)
         reader = source.reader(cls, config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config.torch_dtype, reader)
-        tp_group, placed = None, wants_placement(device_map, max_memory)
-        if tp_plan is not None or tp_size is not None or device_mesh is not None:
-            from .distributed import tensor_parallel_group
-
-            tp_group, device = tensor_parallel_group(tp_plan, tp_size, device_mesh, device_map)
-        elif not placed:
-            device = loading_device(resolve_device(device_map), device_map)
         with torch.device("meta"):
             model = cls(config)
-        plan = plan_device_map(model, device_map, target_dtype, max_memory) if placed and tp_group is None else None
-        if plan is not None:
-            device = next(iter(plan.values()))
+        tp_group, plan, device = _layout(model, target_dtype, device_map, max_memory, tp_plan, tp_size, device_mesh)
         quant = resolve_spec(quantization, quantization_config, getattr(config, "quantization_config", None))
-        if tp_group is not None and (quant is not None or adapter is not None or source.kind == "gguf"):
-            raise ValueError("quantization and tensor parallelism cannot be combined yet (nor GGUF files or LoRA "
-                             "adapters with tensor parallelism): load with one of them")  # fmt: skip
-        if plan is not None and (quant is not None or source.kind == "gguf"):
-            raise DeviceMapError("quantization (and GGUF files) cannot be combined with a device_map over several "
-                                 "devices yet: load on one device")  # fmt: skip
+        _refuse_combinations(tp_group, plan, quant is not None, adapter is not None, source.kind)
         if quant is not None:  # quantized modules swapped in; the reader quantizes each weight as it is read
             reader = prepare_loading(model, reader, quant, device)
         elif source.kind == "gguf":  # the file's int4 blocks go to int4 linears as they are
@@ -237,9 +223,7 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         model._materialize_missing(device, target_dtype)
         if plan is not None:
             dispatch(model, plan, device_map)
-        generation_file = source.directory / GENERATION_CONFIG_NAME if source.directory else None
-        if source.kind != "gguf" and hasattr(model, "generation_config") and generation_file and \
-                generation_file.is_file():
+        if hasattr(model, "generation_config") and source.has_generation_config():
             model.generation_config = GenerationConfig.from_pretrained(source.directory)
         if adapter is not None:
             model.load_adapter(adapter)
@@ -363,6 +347,31 @@ class PreTrainedModel(ModelAPIMixin, nn.Module):
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(path)
+
+
+def _layout(model: PreTrainedModel, dtype: torch.dtype, device_map: Any, max_memory: dict | None, tp_plan: Any,
+            tp_size: int | None, device_mesh: Any) -> tuple[Any, dict | None, torch.device]:  # fmt: skip
+    """Where the weights go: (tensor-parallel group, per-module device plan, first device); at most one of the
+    first two is set (device_map with tensor parallelism is refused by tensor_parallel_group)."""
+    if tp_plan is not None or tp_size is not None or device_mesh is not None:
+        from .distributed import tensor_parallel_group
+
+        group, device = tensor_parallel_group(tp_plan, tp_size, device_mesh, device_map)
+        return group, None, device
+    if wants_placement(device_map, max_memory):
+        plan = plan_device_map(model, device_map, dtype, max_memory)
+        return None, plan, next(iter(plan.values()))
+    return None, None, loading_device(resolve_device(device_map), device_map)
+
+
+def _refuse_combinations(tp_group: Any, plan: dict | None, quantized: bool, adapter: bool, kind: str) -> None:
+    """The loading options that do not work together yet, refused before any weight is read."""
+    if tp_group is not None and (quantized or adapter or kind == "gguf"):
+        raise ValueError("quantization and tensor parallelism cannot be combined yet (nor GGUF files or LoRA "
+                         "adapters with tensor parallelism): load with one of them")  # fmt: skip
+    if plan is not None and (quantized or kind == "gguf"):
+        raise DeviceMapError("quantization (and GGUF files) cannot be combined with a device_map over several "
+                             "devices yet: load on one device")  # fmt: skip
 
 
 _FROM_PRETRAINED_KWARGS = ("config", "dtype", "torch_dtype", "device_map", "attn_implementation", "quantization",

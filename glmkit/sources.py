@@ -39,6 +39,12 @@ class CheckpointSource:
             raw = self.release.reader if self.release is not None else WeightReader(self.directory)
         return model_class.adapt_checkpoint(raw, config)
 
+    def has_generation_config(self) -> bool:
+        """A generation_config.json of this checkpoint (a GGUF file's folder may hold another model's)."""
+        from .generation.config import GENERATION_CONFIG_NAME  # the generation package imports the models
+
+        return self.kind in ("hf", "adept") and (self.directory / GENERATION_CONFIG_NAME).is_file()
+
     def check_family(self, model_type: str, class_name: str) -> None:
         """A foreign format names its family itself: loading it into another family's class is an error."""
         if self.kind in ("adept", "gguf") and self.config.get("model_type") != model_type:

@@ -119,7 +119,9 @@ def test_peak_memory_per_rank_is_its_shard(run, checkpoints):
     for rank in range(world):
         report = json.loads((out / f"rank{rank}.json").read_text())["memory"]
         assert report["held"] <= 1.02 * total / world, (report, total)
-        assert report["peak"] <= 1.1 * report["held"] + (6 << 20), (report, total)
+        # + 8 MiB: the 4 MiB staging buffer and allocator slack (6.03 MiB seen once on a busy machine); a rank
+        # that read whole tensors would exceed this by tens of MB (the model is ~2x a rank's shard at world 2)
+        assert report["peak"] <= 1.1 * report["held"] + (8 << 20), (report, total)
 
 
 def test_scheduler_steps_followed_by_every_rank(run):
