@@ -157,6 +157,35 @@ class WeightReader:
         return None
 
 
+class TensorDictReader:
+    """The WeightReader interface over tensors already in memory: a caller's state_dict, or the tensors torch.load
+    memory-mapped from a foreign checkpoint (Adept's release), where `copy` gives every read its own memory
+    rather than the file's mapping."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], directory: Any, files: list[Path] | None = None,
+                 copy: bool = False):  # fmt: skip
+        if not isinstance(tensors, dict):
+            raise TypeError(f"state_dict must be a dict of tensors, got {type(tensors).__name__}")
+        self.tensors, self.directory, self.files, self.copy = tensors, directory, files or [], copy
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def floating_dtype(self) -> torch.dtype | None:
+        return next((t.dtype for t in self.tensors.values() if t.is_floating_point()), None)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self.tensors[name]
+        out = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return out.clone() if self.copy and out is tensor else out
+
+
 _READ_CHUNK = 4 << 20  # bytes staged at a time when converting dtype while reading
 
 

@@ -168,32 +168,6 @@ class ConfigAPIMixin:
         return iter(k for k in copy.copy(self.__dict__) if not k.startswith("_"))
 
 
-class StateDictReader:
-    """A WeightReader over an in-memory state dict (`from_pretrained(None, config=..., state_dict=...)`)."""
-
-    def __init__(self, state_dict: dict[str, torch.Tensor]):
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-        self.state_dict = state_dict
-        self.directory = "state_dict"
-
-    def keys(self) -> list[str]:
-        return list(self.state_dict)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.state_dict[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.state_dict[name].dtype
-
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = self.state_dict[name]
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-    def floating_dtype(self) -> torch.dtype | None:
-        return next((t.dtype for t in self.state_dict.values() if t.is_floating_point()), None)
-
-
 @dataclass
 class LoadingOptions:
     """The reference's from_pretrained switches about what to do with weights that do not fit.

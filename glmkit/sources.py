@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, WeightReader
+from .checkpoint import CheckpointError, TensorDictReader, WeightReader
 from .config import read_config_dict
 from .hub import resolve_checkpoint_dir
 from .models.adept import AdeptRelease, open_release
 from .quant.gguf import GGUFCheckpoint, gguf_file_path, is_gguf_path
-from .reference_api import StateDictReader
 
 
 @dataclass
@@ -32,7 +31,7 @@ class CheckpointSource:
     def reader(self, model_class: Any, config: Any) -> Any:
         """The weights under the model's HF names (a family's own re-layout applied to HF directories)."""
         if self.state_dict is not None:
-            raw = StateDictReader(self.state_dict)
+            raw = TensorDictReader(self.state_dict, "state_dict")
         elif self.gguf is not None:
             return self.gguf.weights(config)
         else:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, TensorDictReader
 from ..safe_pickle import InertObject, load_inert
 
 CHECKPOINT_NAME = "model_optim_rng.pt"
@@ -98,36 +98,11 @@ def release_config(weights: dict[str, torch.Tensor], arguments: dict[str, Any]) 
     return config
 
 
-class ReleaseWeights:
-    """A WeightReader look-alike over the release's (memory-mapped) tensors, under Hugging Face names."""
-
-    def __init__(self, checkpoint: Path, weights: dict[str, torch.Tensor]):
-        self.directory, self.files, self.weights = checkpoint.parent, [checkpoint], weights
-
-    def keys(self) -> list[str]:
-        return list(self.weights)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.weights[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.weights[name].dtype
-
-    def floating_dtype(self) -> torch.dtype | None:
-        return next((t.dtype for t in self.weights.values() if t.is_floating_point()), None)
-
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = self.weights[name]
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            return tensor.to(dtype)
-        return tensor.clone()  # own memory, not the file's mapping
-
-
 @dataclass
 class AdeptRelease:
     directory: Path
     config: dict[str, Any]
-    reader: ReleaseWeights
+    reader: TensorDictReader  # the HF-named tensors, each read copied out of the file's mapping
 
     @property
     def vocab_file(self) -> Path | None:
@@ -148,7 +123,7 @@ def open_release(directory: str | Path) -> AdeptRelease | None:
         raise CheckpointError(f"{checkpoint} holds no ['model'] weights: not an Adept release checkpoint")
     weights = adept_to_hf(state["model"])
     config = release_config(weights, _fields(state.get("args")))
-    return AdeptRelease(directory, config, ReleaseWeights(checkpoint, weights))
+    return AdeptRelease(directory, config, TensorDictReader(weights, checkpoint.parent, [checkpoint], copy=True))
 
 
 def _fields(arguments: Any) -> dict[str, Any]:
