@@ -221,10 +221,8 @@ def apply(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in select_targets(model, config.target_modules):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         rank_here, scaling = config.rank_and_scaling(name)
-        setattr(parent, child, LoraLinear(getattr(parent, child), rank_here, scaling, config.lora_dropout))
+        model.set_submodule(name, LoraLinear(model.get_submodule(name), rank_here, scaling, config.lora_dropout))
     model.lora_config = config
     return model
 
@@ -332,8 +330,7 @@ def merge(model: nn.Module) -> nn.Module:
     if not modules:
         raise AdapterError(f"{type(model).__name__} has no LoRA adapters to merge")
     for name, module in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module.merged())
+        model.set_submodule(name, module.merged())
     del model.lora_config
     return model
 
@@ -415,9 +412,7 @@ def load_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike]) -> d
                 pairs.append((state[f"{key}A.weight"], state[f"{key}B.weight"] * config.rank_and_scaling(name)[1]))
             else:
                 pairs.append(None)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, MultiLoraLinear(getattr(parent, child), pairs))
+        model.set_submodule(name, MultiLoraLinear(model.get_submodule(name), pairs))
     return {name: i for i, name in enumerate(adapters, 1)}
 
 

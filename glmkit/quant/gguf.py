@@ -202,10 +202,9 @@ class GGUFWeights:
                 continue
             if self._entries[name][0].tensor_type.name not in _INT4_TYPES or not _int4_shape_ok(module):
                 continue
-            parent, _, child = module_name.rpartition(".")
             int4 = Int4Linear(module.in_features, module.out_features, module.bias is not None, GGUF_GROUP_SIZE,
                               module.weight.dtype, "meta")  # fmt: skip
-            setattr(model.get_submodule(parent), child, int4)
+            model.set_submodule(module_name, int4)
             self._int4[name] = int4
         return self
 

@@ -108,8 +108,7 @@ def quantize_(model: nn.Module, method: str | QuantSpec, group_size: int | None 
             check_int4_shape(module.in_features, module.out_features, spec.group_size, name)
         check_cpu(_device_of(module), spec.method)
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _quantized(module, spec))
+        model.set_submodule(name, _quantized(module, spec))
     config = getattr(model, "config", None)
     if config is not None:
         config.quantization_config = spec.to_config_dict()
