@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed.loading import join_torchrun_group
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -68,12 +70,7 @@ def setup(strategy: str, device: str | None) -> tuple[Dist, torch.device]:
         return Dist(strategy=strategy), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    here = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(here)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank, strategy), here
+    return Dist(rank, world, local_rank, strategy), join_torchrun_group(use_cuda)
 
 
 def wrap(model: nn.Module, ctx: Dist, device: torch.device) -> nn.Module:

@@ -46,10 +46,18 @@ def _init_default_group() -> None:
     if missing:
         raise TensorParallelError(f"tensor parallelism needs a process group, and there is none and no torchrun "
                                   f"environment ({', '.join(missing)} unset): {TORCHRUN_HINT}")  # fmt: skip
-    cuda = torch.cuda.is_available()
+    join_torchrun_group(torch.cuda.is_available())
+
+
+def join_torchrun_group(cuda: bool) -> torch.device:
+    """Join the default process group torchrun's environment describes (once) and return this rank's device:
+    NCCL on the GPU torchrun gave it (LOCAL_RANK), or gloo on the CPU. Shared by tensor parallelism and training."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 def _rank_device(backend: str) -> torch.device:
