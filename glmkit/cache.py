@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .layers import open_empty_rows
 from .reference_api import CacheAPIMixin, legacy_from_foreign_cache
 
 _GROWTH_QUANTUM = 256
@@ -156,9 +157,7 @@ class KVCache(CacheAPIMixin):
         if self._slots is None:
             self._slots = (self.seen - T + torch.arange(T, device=self.valid.device)).expand(self.valid.shape[0], T)
         keys = torch.arange(K, device=self.valid.device)
-        mask = self.valid[:, None, None, :K] & (keys <= self._slots[:, None, :, None])  # (B, 1, T, K)
-        # a query with nothing to attend (padding) attends everything: no NaN out of softmax
-        return mask | ~mask.any(dim=-1, keepdim=True)
+        return open_empty_rows(self.valid[:, None, None, :K] & (keys <= self._slots[:, None, :, None]))  # (B,1,T,K)
 
     def real_tokens(self, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Which query slots (B, T) of the current pass and which key slots (B, K) hold real tokens, or

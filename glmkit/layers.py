@@ -217,9 +217,14 @@ def build_attention_mask(
         valid = attention_mask.to(device=keys.device, dtype=torch.bool)[:, :kv_len]
         if valid.shape[1] < kv_len:  # keys past the mask are future cache slots: causality hides them
             valid = F.pad(valid, (0, kv_len - valid.shape[1]), value=True)
-        mask = mask & valid[:, None, None, :]
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        mask = open_empty_rows(mask & valid[:, None, None, :])
     return mask
+
+
+def open_empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A query with nothing to attend (padding) attends everything instead: no NaN out of softmax, and its
+    output is meaningless but never read."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
 
 
 def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -237,8 +242,7 @@ def restrict_to_documents(mask: torch.Tensor, documents: torch.Tensor) -> torch.
     across documents (B | 1, T) removed; key slots past T (unwritten static-cache slots) see no document."""
     S, T = mask.shape[-1], documents.shape[1]
     key_documents = F.pad(documents, (0, S - T), value=-1)  # (B | 1, S)
-    mask = mask & (documents[:, None, :, None] == key_documents[:, None, None, :])  # (B, 1, T, S)
-    return mask | ~mask.any(dim=-1, keepdim=True)
+    return open_empty_rows(mask & (documents[:, None, :, None] == key_documents[:, None, None, :]))  # (B, 1, T, S)
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attn_backends import check_attn_implementation
+from .layers import open_empty_rows
 
 logger = logging.getLogger("glmkit")
 
@@ -250,8 +251,7 @@ def mask_from_4d(mask: torch.Tensor, B: int, T: int, K: int) -> torch.Tensor:
         allowed = ~masked
     else:
         raise TypeError(f"a 4D attention_mask must be bool or floating point, got {mask.dtype}")
-    allowed = allowed.expand(B, 1, T, K)
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    return open_empty_rows(allowed.expand(B, 1, T, K))
 
 
 class CacheAPIMixin:
