@@ -180,9 +180,12 @@ def test_dynamic_rope_past_the_limit_on_the_fast_path():
 
 
 def test_compile_failure_falls_back_to_eager(pair):
+    """A failed compile warns and decodes eagerly; later calls with the same options do not try again."""
     ours = pair[1]
+    attempts = []
 
     def broken(gm, example_inputs):
+        attempts.append(1)
         raise RuntimeError("no compiler here")
 
     ids, mask = prompts(1)
@@ -191,6 +194,9 @@ def test_compile_failure_falls_back_to_eager(pair):
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None,
                             compile={"backend": broken})  # fmt: skip
     assert torch.equal(got, plain)
+    assert attempts == [1]
+    again = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile={"backend": broken})
+    assert torch.equal(again, plain) and attempts == [1]
 
 
 def test_stream_on_the_fast_path_like_plain(pair):

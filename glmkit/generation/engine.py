@@ -85,12 +85,18 @@ def model_signature(model: Any) -> tuple:
     return tensors, model.training, repr(sorted(vars(model.config).items()))
 
 
-def compiled_step(model: Any, options: dict[str, Any] | None = None) -> Callable[..., torch.Tensor] | None:
-    """`forward_tokens` under torch.compile (see `compile_options`), made once per model, options and
-    `model_signature`; None where torch.compile is unavailable (the caller then runs eagerly)."""
+def _model_compile_options(model: Any, options: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """compile_options for this model's device and parallelism, and the key its compiled step is kept under."""
     cuda = next(model.parameters()).device.type == "cuda"
     options = compile_options(options, cuda, collectives=getattr(model, "tp_group", None) is not None)
-    key = repr(sorted(options.items()))
+    return options, repr(sorted(options.items()))
+
+
+def compiled_step(model: Any, options: dict[str, Any] | None = None) -> Callable[..., torch.Tensor] | None:
+    """`forward_tokens` under torch.compile (see `compile_options`), made once per model, options and
+    `model_signature`; None where torch.compile is unavailable or has failed for them before (the caller then
+    runs eagerly, without paying for another failed compile on every call)."""
+    options, key = _model_compile_options(model, options)
     per_model = _COMPILED.setdefault(model, {})
     signature = model_signature(model)
     if key not in per_model or per_model[key][0] != signature:
@@ -105,6 +111,11 @@ def compiled_step(model: Any, options: dict[str, Any] | None = None) -> Callable
             warnings.warn(f"torch.compile unavailable ({err}); decoding eagerly", stacklevel=3)
             per_model[key] = (signature, None)
     return per_model[key][1]
+
+
+def forget_compiled_step(model: Any, options: dict[str, Any] | None) -> None:
+    """Record that compiling failed for this model and options: later calls decode eagerly at once."""
+    _COMPILED.setdefault(model, {})[_model_compile_options(model, options)[1]] = (model_signature(model), None)
 
 
 # ---- the decoder ------------------------------------------------------------------------------------
@@ -132,7 +143,8 @@ class Decoder:
             if spans_devices(model):
                 raise DeviceMapError("compile=True does not run on a model placed over several devices "
                                      "(device_map): use compile=False, or load it on one device")  # fmt: skip
-            self.compiled = compiled_step(model, compile if isinstance(compile, dict) else None)
+            self._compile_options = compile if isinstance(compile, dict) else None
+            self.compiled = compiled_step(model, self._compile_options)
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
 
@@ -160,6 +172,7 @@ class Decoder:
                 return logits.clone() if self.on_gpu else logits  # CUDA graph outputs are overwritten
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly", stacklevel=2)
+                forget_compiled_step(self.model, self._compile_options)
                 self.compiled = None
         return forward_tokens(self.model, self.cache, tokens)
 
