@@ -111,9 +111,12 @@ class WeightReader:
         rank's shard, read without ever holding the whole tensor. A row slice reads just its bytes; a column
         slice streams the rows through the staging buffer a block at a time."""
         path = self._where[name]
-        safetensors = not isinstance(self._open(path), dict)
-        if not safetensors or self._header(path).get(name, {}).get("dtype") not in _SAFETENSORS_DTYPES:
-            return self.get(name, dtype).narrow(dim, start, stop - start).clone()  # .bin / integer tensors
+        handle = self._open(path)
+        if isinstance(handle, dict):  # a mapped .bin: copy just the slice out of the mapping
+            part = handle[name].narrow(dim, start, stop - start)
+            return part.to(dtype or part.dtype, copy=True) if part.is_floating_point() else part.clone()
+        if self._header(path).get(name, {}).get("dtype") not in _SAFETENSORS_DTYPES:  # integer tensors
+            return self.get(name, dtype).narrow(dim, start, stop - start).clone()
         entry = self._header(path)[name]
         shape, source = entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]]
         inner = math.prod(shape[dim + 1 :]) * source.itemsize  # bytes of one index of `dim`

@@ -12,6 +12,8 @@ from torch import nn
 from .linear import Int4Linear, Int8Embedding, Int8Linear, check_cpu, pack_nibbles, quantize_int4, quantize_int8
 from .quantize import QUANTIZED_MODULES, QuantSpec, quantize_
 
+_BLOCK_ROWS = 256  # output rows read and quantized at a time
+
 
 def prepare_loading(model: nn.Module, reader: Any, spec: QuantSpec, device: torch.device) -> QuantizingReader:
     """Swap quantized modules into the meta-device `model` and return the reader to load it from."""
@@ -75,15 +77,32 @@ class QuantizingReader:
         return self.inner.get(name, dtype=dtype)
 
     def _quantize(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """Quantize the float weight `name` a block of rows at a time (both methods quantize each output row
+        on its own): only one block is ever held in float, and every block is the same size, so the
+        allocator reuses one hole instead of fragmenting the heap with whole-weight temporaries."""
         module = self._modules[name]
-        weight = self.inner.get(name, dtype=dtype)  # as a plain load would give it: then quantized the same way
-        scale_dtype = weight.dtype
-        if isinstance(module, Int4Linear):
-            q, scales = quantize_int4(weight, module.group_size, scale_dtype)
-            q, buffer = pack_nibbles(q), "scales_and_zeros"
-        else:
-            assert isinstance(module, (Int8Linear, Int8Embedding))
-            q, scales = quantize_int8(weight, scale_dtype)
-            buffer = "scales"
-        self._pending[name.removesuffix("weight") + buffer] = scales
+        is_int4 = isinstance(module, Int4Linear)
+        rows = self.inner.shape(name)[0]
+        step = _BLOCK_ROWS if hasattr(self.inner, "get_slice") else rows  # readers without slices: whole
+        q = scales = None
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if step == rows:  # as a plain load would give it
+                block = self.inner.get(name, dtype=dtype)
+            else:
+                block = self.inner.get_slice(name, 0, start, stop, dtype=dtype)
+            if is_int4:
+                q_block, s_block = quantize_int4(block, module.group_size, block.dtype)
+                q_block = pack_nibbles(q_block)
+            else:
+                assert isinstance(module, (Int8Linear, Int8Embedding))
+                q_block, s_block = quantize_int8(block, block.dtype)
+            row_dim = 1 if is_int4 else 0  # scales: (groups, N, 2) or (N,)
+            if q is None:
+                q = q_block.new_empty(rows, q_block.shape[1])
+                scales = s_block.new_empty(s_block.shape[:row_dim] + (rows,) + s_block.shape[row_dim + 1 :])
+            q[start:stop] = q_block
+            scales.narrow(row_dim, start, stop - start).copy_(s_block)
+            del block, q_block, s_block  # before the next block is read
+        self._pending[name.removesuffix("weight") + ("scales_and_zeros" if is_int4 else "scales")] = scales
         return q

@@ -32,6 +32,10 @@ def test_pytorch_bin_checkpoints_slice_too(tmp_path):
     torch.save(TENSORS, tmp_path / "pytorch_model.bin")
     reader = WeightReader(tmp_path)
     assert torch.equal(reader.get_slice("matrix", 1, 3, 8), TENSORS["matrix"][:, 3:8])
+    assert torch.equal(reader.get_slice("bf16", 0, 1, 4, torch.float32), TENSORS["bf16"][1:4].float())
+    rows = reader.get_slice("matrix", 0, 2, 5)
+    rows.add_(1)  # private memory: the mapped file (and the next read) keep the saved values
+    assert torch.equal(reader.get_slice("matrix", 0, 2, 5), TENSORS["matrix"][2:5])
 
 
 def test_kv_heads_replicated_where_fewer_than_ranks():

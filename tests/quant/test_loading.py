@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import glmkit.checkpoint as checkpoint
+import glmkit.quant.loading as loading
 from glmkit import AutoModelForCausalLM
 from glmkit.quant import Int4Linear, Int8Embedding, Int8Linear, QuantSpec, quantize_
 from tests.conftest import REPO, reference_and_ours
@@ -54,26 +55,35 @@ def test_quantized_while_loading_equals_quantized_after(checkpoint_dir, method, 
     assert torch.equal(loaded(ids).logits, after(ids).logits)
 
 
-def test_one_float_weight_alive_at_a_time(checkpoint_dir, monkeypatch):
-    """The float copy of each weight is dropped once quantized: never two read 2-D float tensors alive."""
+def test_float_weights_read_a_block_of_rows_at_a_time(checkpoint_dir, monkeypatch):
+    """Quantizing while loading reads each float linear weight in blocks of rows and drops each block once
+    quantized: never a whole weight (past one block) in float, never two blocks alive."""
     alive: list[weakref.ref] = []
-    most = 0
-    original = checkpoint.WeightReader.get
+    most, whole_reads = 0, []
+    original_get, original_slice = checkpoint.WeightReader.get, checkpoint.WeightReader.get_slice
 
-    def watched(self, name, dtype=None):
+    def watch(name, tensor):
         nonlocal most
-        tensor = original(self, name, dtype)
         alive[:] = [r for r in alive if r() is not None]
         if tensor.is_floating_point() and tensor.dim() == 2 and "embed" not in name and "lm_head" not in name:
             alive.append(weakref.ref(tensor))
         most = max(most, len(alive))
         return tensor
 
-    monkeypatch.setattr(checkpoint.WeightReader, "get", watched)
+    def get(self, name, dtype=None):
+        tensor = watch(name, original_get(self, name, dtype))
+        if tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[0] > loading._BLOCK_ROWS:
+            whole_reads.append(name)
+        return tensor
+
+    monkeypatch.setattr(checkpoint.WeightReader, "get", get)
+    monkeypatch.setattr(checkpoint.WeightReader, "get_slice",
+                        lambda self, name, *args, **kw: watch(name, original_slice(self, name, *args, **kw)))
+    monkeypatch.setattr(loading, "_BLOCK_ROWS", 16)  # the tiny checkpoints' weights span several blocks
     AutoModelForCausalLM.from_pretrained(checkpoint_dir, quantization="int8")
-    assert most == 1
+    assert most == 1 and [n for n in whole_reads if "embed" not in n and "lm_head" not in n] == []
     AutoModelForCausalLM.from_pretrained(checkpoint_dir)
-    assert most > 1, "the watch must see a plain load keep every weight"
+    assert most > 1 and whole_reads, "the watch must see a plain load read and keep every weight whole"
 
 
 @pytest.mark.parametrize("method,group_size,dtype", CASES)
@@ -180,9 +190,12 @@ def mid_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_load_peak_memory_near_the_quantized_weights(mid_checkpoint, method):
     """Peak RSS growth while loading (a fresh process) stays under the float weights' 77 MB (fp32 embeddings
-    and lm_head included), which a plain load exceeds (~82 MB measured). Measured 40-64 MB across runs (heap
-    fragmentation varies), against the issue's target of 1.1 x quantized bytes + one 8 MB shard (36-43 MB):
-    see the notes. That each float weight is dropped once quantized is test_one_float_weight_alive_at_a_time."""
+    and lm_head included), which a plain load exceeds (~82 MB measured). Measured 34-46 MB (int8) and 33-39 MB
+    (int4) across runs since float weights are read a block of rows at a time (40-64 MB before), against the
+    issue's target of 1.1 x quantized bytes + one 8 MB shard (43 / 36 MB): at this size glibc's heap
+    bookkeeping (its adaptive mmap threshold) moves the figure by +-6 MB between identical runs, so the bound
+    here is loose; RESULTS.md has the mid-size figures. The block reads are
+    test_float_weights_read_a_block_of_rows_at_a_time."""
     figures = json.loads(run_memory_script(mid_checkpoint, method, "load"))
     print(method, figures)
     assert figures["peak_growth"] <= 0.9 * figures["float_bytes"], figures
