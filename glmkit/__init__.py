@@ -16,7 +16,7 @@ from .chat import ChatTemplateError
 from .checkpoint import CheckpointError, infer_device
 from .config import ConfigError, PretrainedConfig
 from .eval import Score, loglikelihood_rolling, perplexity, score
-from .generation import GenerationConfig, TextIteratorStreamer, TextStreamer
+from .generation import DisjunctiveConstraint, GenerationConfig, PhrasalConstraint, TextIteratorStreamer, TextStreamer
 from .modeling import InputError, PreTrainedModel
 from .models.glm import (
     GlmConfig,
@@ -68,7 +68,9 @@ __all__ = [
     "GlmForSequenceClassification",
     "GlmForTokenClassification",
     "GlmModel",
+    "DisjunctiveConstraint",
     "GenerationConfig",
+    "PhrasalConstraint",
     "InputError",
     "KVCache",
     "PersimmonConfig",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
+from .constraints import build_constraints
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -20,6 +21,10 @@ DEFAULTS: dict[str, Any] = {
     "min_new_tokens": None,
     "do_sample": False,
     "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "force_words_ids": None,
+    "constraints": None,
     "temperature": 1.0,
     "top_k": 50,
     "top_p": 1.0,
@@ -61,11 +66,11 @@ DEFAULTS: dict[str, Any] = {
 # integer settings and their smallest sensible value (no_repeat_ngram_size <= 0 is ignored, as in the reference)
 _INT_MINIMUM = {
     "max_length": 1, "max_new_tokens": 1, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
-    "num_return_sequences": 1, "top_k": 0, "no_repeat_ngram_size": -(2**63), "prompt_lookup_num_tokens": 1,
-    "max_matching_ngram_size": 1, "num_assistant_tokens": 1,
+    "num_beam_groups": 1, "num_return_sequences": 1, "top_k": 0, "no_repeat_ngram_size": -(2**63),
+    "prompt_lookup_num_tokens": 1, "max_matching_ngram_size": 1, "num_assistant_tokens": 1,
 }  # fmt: skip
 _FLOATS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
-           "assistant_confidence_threshold")  # fmt: skip
+           "assistant_confidence_threshold", "diversity_penalty")  # fmt: skip
 _BOOLS = ("do_sample", "output_scores", "return_dict_in_generate", "use_cache")
 
 
@@ -128,10 +133,44 @@ class GenerationConfig:
             value = getattr(self, name, None)
             if value is not None and value < low:
                 raise ValueError(f"`{name}` must be >= {low}, but is {value}.")
+        self._check_beam_variants()
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
             ids = getattr(self, name, None)
             if any(i < 0 for i in ([ids] if isinstance(ids, int) else ids or [])):
                 raise ValueError(f"`{name}` must be non-negative token ids, got {ids!r}")
+
+    def _check_beam_variants(self) -> None:
+        """Group (diverse) and constrained beam search: the reference's rules, and well-formed constraints."""
+        groups, diversity = self.num_beam_groups, self.diversity_penalty
+        constrained = self.constraints is not None or self.force_words_ids is not None
+        if diversity is not None and diversity < 0:
+            raise ValueError(f"`diversity_penalty` must be >= 0, got {diversity}")
+        if constrained:
+            build_constraints(self.force_words_ids, self.constraints)
+            mode = "one of `constraints`, `force_words_ids` is set (constrained beam search), which needs "
+            if self.num_beams < 2:
+                raise ValueError(mode + f"`num_beams` > 1, got {self.num_beams}")
+            if self.do_sample:
+                raise ValueError(mode + "`do_sample=False`")
+            if groups != 1:
+                raise ValueError(mode + f"`num_beam_groups` = 1, got {groups}")
+        elif self.num_beams > 1 and (diversity or groups != 1):
+            mode = (
+                "`diversity_penalty` is not 0.0 or `num_beam_groups` is not 1 (group beam search): "
+                f"num_beams={self.num_beams}, num_beam_groups={groups}, diversity_penalty={diversity}; "
+            )
+            if self.do_sample:
+                raise ValueError(mode + "`do_sample` must be set to `False`")
+            if self.num_beams % groups:
+                raise ValueError(mode + "`num_beams` should be divisible by `num_beam_groups`")
+            if not diversity:
+                raise ValueError(mode + "`diversity_penalty` should be greater than `0.0`, otherwise your groups "
+                                 "will be identical")  # fmt: skip
+            if groups < 2:
+                raise ValueError(mode + "`num_beam_groups` should be an integer strictly larger than 1")
+        elif diversity:
+            raise ValueError(f"`diversity_penalty` ({diversity}) needs group beam search: num_beams > 1 and "
+                             "num_beam_groups > 1")  # fmt: skip
 
     def _check_types(self) -> None:
         for name in _INT_MINIMUM:

@@ -25,6 +25,24 @@ class RepetitionPenalty:
         return scores.scatter(1, input_ids, seen)
 
 
+class HammingDiversity:
+    """Group beam search: lower each token's score by `penalty` times the number of earlier groups' beams (of
+    the same prompt) that chose it at this step. The search sets `earlier_tokens` (B, beams so far) per group."""
+
+    def __init__(self, penalty: float, group_size: int):
+        self.penalty, self.group_size = penalty, group_size
+        self.earlier_tokens: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        earlier = self.earlier_tokens
+        if earlier is None or earlier.shape[1] == 0:
+            return scores
+        counts = torch.zeros(earlier.shape[0], scores.shape[-1], device=scores.device)  # (B, V)
+        counts.scatter_add_(1, earlier, torch.ones_like(earlier, dtype=counts.dtype))
+        penalty = (self.penalty * counts).repeat_interleave(self.group_size, dim=0)  # (B * group_size, V)
+        return scores - penalty
+
+
 class NoRepeatNGram:
     """Forbid any token that would complete an n-gram already present in the row (or, with `source_length`, in
     its first source_length tokens: the prompt, for the reference's encoder_no_repeat_ngram_size)."""
@@ -165,6 +183,8 @@ def build_processors(config, prompt_length: int, eos_token_ids: Sequence[int], v
     chain: list[LogitsProcessor] = []
     if config.sequence_bias:
         chain.append(SequenceBias(config.sequence_bias))
+    if config.diversity_penalty and config.num_beams > 1:
+        chain.append(HammingDiversity(config.diversity_penalty, config.num_beams // config.num_beam_groups))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         chain.append(RepetitionPenalty(config.repetition_penalty))
     if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:  # <= 0: off, as in the reference

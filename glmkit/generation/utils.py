@@ -19,6 +19,7 @@ from ..outputs import ModelOutput
 from ..tokenization import streaming_detokenizer
 from . import engine
 from .beam import beam_search
+from .beam_variants import constrained_beam_search, group_beam_search
 from .config import DEFAULTS, GenerationConfig
 from .engine import decode_steps
 from .processors import LogitsProcessor, build_processors
@@ -256,7 +257,12 @@ class GenerationMixin:
                 raise NotImplementedError("stop_strings with beam search is not implemented in glmkit")
             P = input_ids.shape[1]
             engine.reserved_length(self, P, P + plan.max_new_tokens, "beam")  # raises past the context
-            out = beam_search(self, input_ids, attention_mask, plan)
+            search = beam_search
+            if config.constraints is not None or config.force_words_ids is not None:
+                search = constrained_beam_search
+            elif config.num_beam_groups > 1:
+                search = group_beam_search
+            out = search(self, input_ids, attention_mask, plan)
             if not config.return_dict_in_generate:
                 return out.sequences
             out.scores = out.scores if config.output_scores else None
