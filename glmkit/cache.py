@@ -213,6 +213,15 @@ class KVCache(CacheAPIMixin):
         self.lengths = self.lengths - n
         self.next_position = self.next_position - n
 
+    def keep_last(self, index: torch.Tensor) -> None:
+        """Row i's last written slot becomes row index[i]'s (contrastive search: the candidate rows of a prompt
+        share every earlier slot, so keeping the chosen candidate copies one slot, not whole rows)."""
+        if self.static or not self.uniform:
+            raise ValueError("keep_last needs a plain cache with aligned rows")
+        last = self.seen - 1
+        for t in (*self.keys, *self.values):  # (B, Hkv, S, D), each layer on its own device
+            t[:, :, last] = t[index.to(t.device), :, last]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder batch rows (beam search, repeated returns)."""
         if self.lengths is None:

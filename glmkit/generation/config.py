@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "diversity_penalty": 0.0,
     "force_words_ids": None,
     "constraints": None,
+    "penalty_alpha": None,
+    "dola_layers": None,
     "temperature": 1.0,
     "top_k": 50,
     "top_p": 1.0,
@@ -70,7 +72,7 @@ _INT_MINIMUM = {
     "prompt_lookup_num_tokens": 1, "max_matching_ngram_size": 1, "num_assistant_tokens": 1,
 }  # fmt: skip
 _FLOATS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
-           "assistant_confidence_threshold", "diversity_penalty")  # fmt: skip
+           "assistant_confidence_threshold", "diversity_penalty", "penalty_alpha")  # fmt: skip
 _BOOLS = ("do_sample", "output_scores", "return_dict_in_generate", "use_cache")
 
 
@@ -134,6 +136,7 @@ class GenerationConfig:
             if value is not None and value < low:
                 raise ValueError(f"`{name}` must be >= {low}, but is {value}.")
         self._check_beam_variants()
+        self._check_contrastive_and_dola()
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
             ids = getattr(self, name, None)
             if any(i < 0 for i in ([ids] if isinstance(ids, int) else ids or [])):
@@ -171,6 +174,34 @@ class GenerationConfig:
         elif diversity:
             raise ValueError(f"`diversity_penalty` ({diversity}) needs group beam search: num_beams > 1 and "
                              "num_beam_groups > 1")  # fmt: skip
+
+    def _check_contrastive_and_dola(self) -> None:
+        """Contrastive search (penalty_alpha > 0) and DoLa (dola_layers) are greedy / sampling modes of their own:
+        where the reference silently falls back to another mode (or ignores the setting), refuse instead."""
+        alpha, layers = self.penalty_alpha, self.dola_layers
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`penalty_alpha` (the degeneration penalty's weight) must be in [0, 1], got {alpha}")
+        if alpha:
+            mode = f"`penalty_alpha` = {alpha} asks for contrastive search, which needs "
+            if self.top_k is None or self.top_k < 2:
+                raise ValueError(mode + f"`top_k` > 1 candidates per step, got top_k={self.top_k}")
+            if self.do_sample:
+                raise ValueError(mode + "`do_sample=False` (it is a greedy method)")
+            if self.num_beams != 1:
+                raise ValueError(mode + f"`num_beams` = 1, got {self.num_beams}")
+            if layers is not None:
+                raise ValueError(mode + "no `dola_layers` (DoLa is another decoding method)")
+        if layers is None:
+            return
+        if isinstance(layers, str):
+            if layers not in ("low", "high"):
+                raise ValueError(f"`dola_layers` must be 'low', 'high' or a list of layer indices, got {layers!r}")
+        elif not (isinstance(layers, (list, tuple)) and layers and all(_is_int(i) and i >= 0 for i in layers)):
+            raise ValueError(f"`dola_layers` must be 'low', 'high' or a non-empty list of layer indices >= 0 (0 is "
+                             f"the embeddings), got {layers!r}")  # fmt: skip
+        if self.num_beams != 1:
+            raise ValueError(f"`dola_layers` ({layers!r}) asks for DoLa decoding, which is greedy or sampling: it "
+                             f"needs `num_beams` = 1, got {self.num_beams}")  # fmt: skip
 
     def _check_types(self) -> None:
         for name in _INT_MINIMUM:

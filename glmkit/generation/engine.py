@@ -201,6 +201,14 @@ def choose_tokens(plan: Any, ids: torch.Tensor, cur: int, logits: torch.Tensor, 
         tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
     else:
         tokens = torch.argmax(scores, dim=-1)
+    tokens, stopped = place_tokens(plan, ids, cur, tokens, finished, eos)
+    return tokens, scores, stopped
+
+
+def place_tokens(plan: Any, ids: torch.Tensor, cur: int, tokens: torch.Tensor, finished: torch.Tensor,
+                 eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Write each row's chosen token at `cur`, pad for rows already finished. Returns (tokens, stopped): the
+    rows whose token is an EOS id or completes a stop string."""
     if eos is not None and plan.pad is not None:
         tokens = torch.where(finished, plan.pad, tokens)
     ids[:, cur] = tokens
@@ -208,7 +216,7 @@ def choose_tokens(plan: Any, ids: torch.Tensor, cur: int, logits: torch.Tensor, 
     if plan.stop_strings is not None:  # needs the text: a host round trip by nature
         rows = ids[:, : cur + 1].tolist()
         stopped = stopped | torch.tensor([plan.stop_strings.row_done(r) for r in rows], device=ids.device)
-    return tokens, scores, stopped
+    return tokens, stopped
 
 
 STATIC_PAST_CONTEXT = 4  # a static cache / beam search reserves at most this many times the context
@@ -233,10 +241,11 @@ def reserved_length(model: Any, prompt_length: int, total: int, mode: str) -> in
 
 
 def _room(ids: torch.Tensor, needed: int, total: int, pad: int | None) -> torch.Tensor:
-    """ids (B, L) with at least `needed` columns (at most `total`): doubled when full (host ints, no sync)."""
+    """ids (B, L, ...) with at least `needed` columns (at most `total`): doubled when full (host ints, no sync)."""
     if needed <= ids.shape[1]:
         return ids
-    grown = ids.new_full((ids.shape[0], min(total, max(needed, 2 * ids.shape[1]))), pad if pad is not None else 0)
+    size = min(total, max(needed, 2 * ids.shape[1]))
+    grown = ids.new_full((ids.shape[0], size, *ids.shape[2:]), pad if pad is not None else 0)
     grown[:, : ids.shape[1]] = ids
     return grown
 

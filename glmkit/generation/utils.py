@@ -21,6 +21,7 @@ from . import engine
 from .beam import beam_search
 from .beam_variants import constrained_beam_search, group_beam_search
 from .config import DEFAULTS, GenerationConfig
+from .contrastive import layered_steps
 from .engine import decode_steps
 from .processors import LogitsProcessor, build_processors
 from .speculative import AssistantDrafter, PromptLookup
@@ -185,7 +186,8 @@ def stream(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     done = [False] * B
     produced = 0
     # every step is synced here anyway (text needs the ids), so "all finished" is checked each step
-    for step in decode_steps(model, input_ids, attention_mask, plan, fast, check_every=1, drafter=drafter):
+    steps = layered_steps(model, input_ids, attention_mask, plan, fast, drafter)  # contrastive search / DoLa
+    for step in steps or decode_steps(model, input_ids, attention_mask, plan, fast, check_every=1, drafter=drafter):
         produced += 1
         tokens, stopped = step.tokens.tolist(), step.stopped_now.tolist()
         chunk = StreamChunk([[] for _ in range(B)], [""] * B, [None] * B)
@@ -272,10 +274,12 @@ class GenerationMixin:
         if config.num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        steps = layered_steps(self, input_ids, attention_mask, plan, fast, drafter)  # contrastive search / DoLa
         if streamer is not None:
             streamer.put(input_ids.cpu())
         every = 1 if streamer is not None else engine.CHECK_EVERY  # a streamer must not see all-pad steps
-        steps = decode_steps(self, input_ids, attention_mask, plan, fast, every, drafter)
+        if steps is None:
+            steps = decode_steps(self, input_ids, attention_mask, plan, fast, every, drafter)
         new_tokens, scores, logits, finished = [], [], [], []
         for step in steps:
             new_tokens.append(step.tokens)
