@@ -223,12 +223,13 @@ def test_returned_cache_holds_what_the_reference_holds(pair):
     assert_same_cache(want.past_key_values, got.past_key_values, full_mask.bool())
 
 
-@pytest.mark.parametrize("source", ["glmkit", "reference"])
+@pytest.mark.parametrize("source", ["glmkit", "reference", "forward"])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_continue_from_cache(pair, source, do_sample):
     """generate(previous sequences + new ids, past_key_values=the cache) runs only what the cache lacks and
     gives the reference's tokens: those of a generation from scratch on the whole sequence (greedy), of the
-    reference's own continuation (sampling, same seed). A reference DynamicCache is accepted too."""
+    reference's own continuation (sampling, same seed). A reference DynamicCache is accepted too, and so is the
+    cache of a forward pass over a shorter prefix (whose positions ignore the padding, in both libraries)."""
     ref, ours = pair
     ids, mask = prompt(2, left_pad=2)
     first = dict(attention_mask=mask, max_new_tokens=5, eos_token_id=None, return_dict_in_generate=True)
@@ -238,15 +239,22 @@ def test_continue_from_cache(pair, source, do_sample):
     longer = torch.cat([got_first.sequences, follow], dim=1)
     longer_mask = torch.cat([mask, torch.ones(2, longer.shape[1] - ids.shape[1], dtype=torch.long)], dim=1)
     kwargs = dict(attention_mask=longer_mask, max_new_tokens=6, eos_token_id=None, do_sample=do_sample)
-    cache = got_first.past_key_values if source == "glmkit" else copy.deepcopy(want_first.past_key_values)
-    torch.manual_seed(4)
     with torch.no_grad():
+        if source == "forward":
+            prefix = dict(input_ids=longer[:, :-2], attention_mask=longer_mask[:, :-2], use_cache=True)
+            cache, ref_cache = ours(**prefix).past_key_values, ref(**prefix).past_key_values
+        else:
+            ref_cache = copy.deepcopy(want_first.past_key_values)
+            cache = got_first.past_key_values if source == "glmkit" else copy.deepcopy(ref_cache)
+        torch.manual_seed(4)
         got = ours.generate(longer, past_key_values=cache, return_dict_in_generate=True, **kwargs)
         torch.manual_seed(4)
-        want = ref.generate(longer, past_key_values=copy.deepcopy(want_first.past_key_values), **kwargs)
-        if not do_sample:
+        want = ref.generate(longer, past_key_values=ref_cache, **kwargs)
+        if not do_sample and source != "forward":
             assert_same(ref.generate(longer, **kwargs), want)  # the reference's own semantics, checked
     assert_same(want, got.sequences)
+    if source == "forward":
+        return
     # and once more from the cache just returned (it grows past what the first call reserved)
     again = torch.cat([got.sequences, follow], dim=1)
     again_mask = torch.cat([longer_mask, torch.ones(2, again.shape[1] - longer.shape[1], dtype=torch.long)], dim=1)
