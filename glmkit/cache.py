@@ -140,12 +140,14 @@ class KVCache(CacheAPIMixin):
 
     def set_valid(self, attention_mask: torch.Tensor) -> None:
         """The reference's semantics for a mask over all keys so far (B, >= seen): it may re-mark earlier
-        slots. Rows must be aligned (every row the same length), as they are for the reference's caches."""
+        slots, and the next real token's position counts the real ones (as generate's positions do). Rows must
+        be aligned (every row the same length), as they are for the reference's caches."""
         if not self.uniform:
             raise ValueError("an attention_mask over all keys needs a cache whose rows have equal lengths")
         n = min(self.seen, attention_mask.shape[1])
         mask = attention_mask[:, :n].to(device=self.valid.device, dtype=torch.bool)
         self.valid[:, :n] = mask
+        self.next_position = mask.sum(-1)
         if not bool(mask.all()):
             self.all_valid = False
 
@@ -234,16 +236,18 @@ class KVCache(CacheAPIMixin):
         self.valid = self.valid.index_select(0, index)
 
     def clone(self) -> KVCache:
-        """An independent copy holding the written slots only (e.g. a prompt's KV kept for reuse)."""
-        if self.static or self.lengths is None:
-            raise ValueError("clone needs a written, non-static cache")
+        """An independent, non-static copy holding the written slots only (e.g. a prompt's KV kept for reuse)."""
+        if self.lengths is None:
+            raise ValueError("clone needs a written cache")
+        seen = self.get_seq_length()
         out = type(self)()
-        n = max(self.seen, 1)
+        n = max(seen, 1)
         out.keys = [k[:, :, :n].clone() for k in self.keys]
         out.values = [v[:, :, :n].clone() for v in self.values]
         out.valid = self.valid[:, :n].clone()
         out.lengths, out.next_position = self.lengths.clone(), self.next_position.clone()
-        out.seen, out.uniform, out.all_valid = self.seen, self.uniform, self.all_valid
+        out.seen, out.all_valid = seen, self.all_valid
+        out.uniform = self.uniform or bool((self.lengths == seen).all())  # a static cache's rows may be aligned
         return out
 
     @classmethod

@@ -243,11 +243,12 @@ class PretrainedConfig(ConfigAPIMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
         """Read config.json from a checkpoint directory, a hub id (revision=, token=, … accepted) or a path
-        to the json file itself."""
+        to the json file itself; `subfolder=` names a folder inside the directory, as in the reference."""
         from .hub import pop_hub_kwargs
 
         hub_kwargs = pop_hub_kwargs(overrides)
-        return cls.from_dict(read_config_dict(pretrained_model_name_or_path, **hub_kwargs), **overrides)
+        subfolder = overrides.pop("subfolder", None) or ""
+        return cls.from_dict(read_config_dict(pretrained_model_name_or_path, subfolder, **hub_kwargs), **overrides)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
@@ -272,13 +273,14 @@ def unknown_overrides(config_class: type[PretrainedConfig], data: dict[str, Any]
     return sorted(set(overrides) - known)
 
 
-def read_config_dict(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
-    """Parse config.json, raising ConfigError with the path on any problem."""
+def read_config_dict(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> dict[str, Any]:
+    """Parse config.json (in `subfolder` of the checkpoint directory), raising ConfigError with the path on any
+    problem."""
     from .hub import resolve_checkpoint_dir
 
     path = Path(name_or_path)
     if not (path.is_file() and path.suffix == ".json"):
-        path = resolve_checkpoint_dir(name_or_path, **hub_kwargs) / CONFIG_NAME
+        path = resolve_checkpoint_dir(name_or_path, **hub_kwargs) / subfolder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}")
     try:

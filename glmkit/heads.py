@@ -102,9 +102,12 @@ class ForCausalLM(GenerationMixin, PrepareInputsMixin, _HeadModel):
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         num_items_in_batch: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ModelOutput | tuple:
-        out = self._run_base(return_dict, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self._run_base(
+            return_dict, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -193,13 +196,13 @@ class ForTokenClassification(_HeadModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ModelOutput | tuple:
         for unused in ("past_key_values", "use_cache"):  # token classification keeps no cache
             kwargs.pop(unused, None)
-        out = self._run_base(
-            return_dict, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        )
+        out = self._run_base(return_dict, input_ids=input_ids, attention_mask=attention_mask,
+                             inputs_embeds=inputs_embeds, use_cache=False, **kwargs)  # fmt: skip
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:

@@ -196,6 +196,19 @@ def test_config_json_helpers_as_reference(family, tmp_path):
     assert ours.dtype == torch.bfloat16 and ours.torch_dtype == "bfloat16"
 
 
+def test_config_from_pretrained_subfolder_as_reference(tmp_path):
+    import transformers
+
+    glmkit.GlmConfig(vocab_size=VOCAB, **TINY_DECODERS["glm"][3]).save_pretrained(tmp_path / "sub")
+    ref = transformers.GlmConfig.from_pretrained(tmp_path, subfolder="sub")
+    ours = glmkit.GlmConfig.from_pretrained(tmp_path, subfolder="sub")
+    assert ours.to_dict() == glmkit.GlmConfig.from_pretrained(tmp_path / "sub").to_dict()
+    assert (ours.vocab_size, ours.hidden_size) == (ref.vocab_size, ref.hidden_size) != (151552, 4096)
+    assert not hasattr(ours, "subfolder")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        glmkit.GlmConfig.from_pretrained(tmp_path, subfolder="missing")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_reads_like_the_reference(family, tmp_path):
     """cache[layer] -> (k, v), len, iteration, get_seq_length, to_legacy_cache: the reference's DynamicCache's."""

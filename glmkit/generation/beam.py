@@ -25,6 +25,10 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
     sequences_scores: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None  # (B * num_return_sequences, new tokens): the flat row each came from
+    attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    past_key_values: Any = None
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -33,9 +37,10 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                plan: Any) -> GenerateBeamDecoderOnlyOutput:  # fmt: skip
-    """Beams are rows of one `Decoder`; after each step its cache is reordered to the surviving beams."""
+def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Any,
+                inputs_embeds: torch.Tensor | None = None) -> GenerateBeamDecoderOnlyOutput:  # fmt: skip
+    """Beams are rows of one `Decoder`; after each step its cache is reordered to the surviving beams.
+    `inputs_embeds` (B, T, C) run in place of the prompt's ids (which may be empty, as in `decode_steps`)."""
     cfg, n = plan.config, plan.config.num_beams
     B, P = input_ids.shape
     L = P + plan.max_new_tokens
@@ -47,16 +52,18 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     running = torch.full((B, n, L), fill, dtype=torch.long, device=dev)
     running[:, :, :P] = input_ids[:, None]
     finished = running.clone()
+    run_from = torch.full((B, n, L - P), -1, dtype=torch.int32, device=dev)  # beam_indices of the running beams
+    fin_from = run_from.clone()
     run_scores = torch.zeros(B, n, device=dev)
     run_scores[:, 1:] = NEG  # all beams start identical: let only the first one expand
     fin_scores = torch.full((B, n), NEG, device=dev)
     is_fin = torch.zeros(B, n, dtype=torch.bool, device=dev)
     fin_len = torch.zeros(B, n, dtype=torch.long, device=dev)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    decoder = Decoder(model, L)
-    flat = running.view(B * n, L)
-    step_logits = decoder.prefill(flat[:, :P], attention_mask.repeat_interleave(n, dim=0))
-    all_scores, all_logits = [], []
+    first = running.view(B * n, L)[:, :P] if inputs_embeds is None else inputs_embeds.repeat_interleave(n, dim=0)
+    decoder = Decoder(model, first.shape[1] + plan.max_new_tokens, record=plan.record)
+    step_logits = decoder.prefill(first, attention_mask.repeat_interleave(n, dim=0))
+    all_scores, all_logits, all_attentions, all_hidden = [], [], [], []
     offset = (torch.arange(B, device=dev) * n)[:, None]
     for cur in range(P, L):
         logits = step_logits
@@ -65,6 +72,8 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
             log_probs = processor(running.view(B * n, L)[:, :cur], log_probs)
         all_scores.append(log_probs)
         all_logits.append(logits)
+        all_attentions.append(decoder.recorded[0])
+        all_hidden.append(decoder.recorded[1])
         V = log_probs.shape[-1]
         total = (log_probs.view(B, n, V) + run_scores[:, :, None]).view(B, n * V)
         if cfg.do_sample:
@@ -75,6 +84,8 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         source, token = index // V, index % V  # (B, K): which beam each continuation extends
         cand = _take(running, source)
         cand[:, :, cur] = token
+        cand_from = _take(run_from, source)
+        cand_from[:, :, cur - P] = (source + offset).int()
         hits = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
         if cur + 1 >= L:
             hits = torch.ones_like(hits)
@@ -82,6 +93,7 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         run_lp = top_lp + hits.float() * NEG
         nxt = torch.topk(run_lp, k=n)[1]
         running, run_scores, parent = _take(cand, nxt), _take(run_lp, nxt), _take(source, nxt) + offset
+        run_from = _take(cand_from, nxt)
         # stopped ones among the first num_beams compete for the finished slots
         just = hits & top_n[None]
         norm = top_lp / ((cur + 1 - P) ** cfg.length_penalty)
@@ -90,6 +102,7 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         merged = torch.cat((fin_scores, norm), dim=1)
         best = torch.topk(merged, k=n)[1]
         finished = _take(torch.cat((finished, cand), dim=1), best)
+        fin_from = _take(torch.cat((fin_from, cand_from), dim=1), best)
         fin_scores = _take(merged, best)
         is_fin = _take(torch.cat((is_fin, just), dim=1), best)
         fin_len = _take(torch.cat((fin_len, torch.full_like(token, cur + 1 - P)), dim=1), best)
@@ -111,4 +124,8 @@ def beam_search(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         sequences_scores=fin_scores[:, :r].reshape(B * r),
         scores=tuple(all_scores),
         logits=tuple(all_logits),
+        beam_indices=fin_from[:, :r].reshape(B * r, L - P)[:, : length - P],
+        attentions=tuple(all_attentions) if plan.record[0] else None,
+        hidden_states=tuple(all_hidden) if plan.record[1] else None,
+        past_key_values=decoder.cache,
     )

@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "bos_token_id": None,
     "output_scores": False,
     "output_logits": None,
+    "output_attentions": False,
+    "output_hidden_states": False,
     "return_dict_in_generate": False,
     "use_cache": True,
     # speculative decoding
@@ -73,7 +75,8 @@ _INT_MINIMUM = {
 }  # fmt: skip
 _FLOATS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
            "assistant_confidence_threshold", "diversity_penalty", "penalty_alpha")  # fmt: skip
-_BOOLS = ("do_sample", "output_scores", "return_dict_in_generate", "use_cache")
+_BOOLS = ("do_sample", "output_scores", "output_attentions", "output_hidden_states", "return_dict_in_generate",
+          "use_cache")  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:

@@ -28,10 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attn_backends import FLASH, flash_mask
-from ..cache import KVCache
-from ..modeling import LayerTrace, check_token_ids
-from .engine import Step, _room, choose_tokens, decode_mode, place_tokens, reserved_length
+from .engine import Decoder, Step, _room, choose_tokens, decode_mode, place_tokens, reserved_length
 
 RELATIVE_TOP = 0.1  # DoLa keeps the tokens given at least this fraction of the final layer's top probability
 
@@ -57,30 +54,21 @@ def layered_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return dola_steps(model, input_ids, attention_mask, plan, premature_layers(model, cfg.dola_layers))
 
 
-def _traced_pass(model: Any, cache: KVCache, tokens: torch.Tensor,
-                 token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
-    """tokens (B, T) -> (fp32 logits (B, V) of the last position, hidden states (B, T, C) as the reference's
-    output_hidden_states gives them: each layer's input, then the last layer's output after the final norm)."""
-    base = model.base_model
-    x = base.embed_tokens(tokens)  # (B, T, C)
-    mask, positions = cache.begin(tokens.shape[0], tokens.shape[1], tokens.device, token_mask)
-    if model.config._attn_implementation == FLASH:
-        mask = flash_mask(mask, *cache.real_tokens(tokens.shape[1]))
-    trace = LayerTrace(hidden_states=True)
-    hidden = base.core(x, positions, mask, cache, trace)
-    return model.lm_head(hidden[:, -1]).float().to(tokens.device), (*trace.all_hidden, hidden)
-
-
-def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             plan: Any) -> tuple[KVCache, torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
-    """A plain cache holding the prompt (one pass, its padding masked), and that pass's logits and hidden states."""
-    check_token_ids(input_ids, model.base_model.embed_tokens.num_embeddings)
+def _prefilled(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               plan: Any) -> tuple[Decoder, torch.Tensor]:  # fmt: skip
+    """A plain Decoder that records every pass's hidden states (and attentions when asked), holding the prompt
+    (one pass, as the reference's), and that pass's logits."""
     P = input_ids.shape[1]
     total = P + plan.max_new_tokens
-    cache = model.base_model.cache_class(total if reserved_length(model, P, total, "plain") == total else None)
-    real = attention_mask.bool()
-    logits, hidden = _traced_pass(model, cache, input_ids, None if bool(real.all()) else real)
-    return cache, logits, hidden
+    capacity = total if reserved_length(model, P, total, "plain") == total else None
+    decoder = Decoder(model, capacity, record=(plan.record[0], True))
+    return decoder, decoder.prefill(input_ids, attention_mask)
+
+
+def _shown(plan: Any, attentions: tuple | None, hidden: tuple, rows: torch.Tensor | None = None) -> tuple:
+    """The (attentions, hidden states) a Step carries: those generate was asked to return (of `rows` only)."""
+    pick = (lambda t: t) if rows is None else (lambda t: tuple(x[rows.to(x.device)] for x in t))
+    return pick(attentions) if plan.record[0] else None, pick(hidden) if plan.record[1] else None
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -91,14 +79,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def contrastive_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       plan: Any) -> Iterator[Step]:  # fmt: skip
     """Contrastive search: one Step per new token. The cache holds top_k rows per prompt (row b * K + k),
-    equal up to their last slot: keeping the chosen candidate copies that slot into its siblings."""
+    equal up to their last slot: keeping the chosen candidate copies that slot into its siblings. At the end it
+    is left as the reference returns it: one row per prompt, without the last token."""
     cfg = plan.config
     K, alpha = cfg.top_k, cfg.penalty_alpha
     (B, P), dev = input_ids.shape, input_ids.device
     total = P + plan.max_new_tokens
-    cache, logits, hidden = _prefill(model, input_ids, attention_mask, plan)
-    context = _unit(hidden[-1])  # (B, S, C) each earlier token's last hidden state, normalised
+    decoder, logits = _prefilled(model, input_ids, attention_mask, plan)
+    context = _unit(decoder.recorded[1][-1])  # (B, S, C) each earlier token's last hidden state, normalised
     real = attention_mask.bool()  # (B, S) which of them are real tokens
+    shown = _shown(plan, *decoder.recorded)
+    cache = decoder.cache
     cache.reorder(torch.arange(B, device=dev).repeat_interleave(K))
     first_row = torch.arange(B, device=dev) * K
     ids = input_ids
@@ -110,8 +101,8 @@ def contrastive_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch
         for processor in plan.processors:
             scores = processor(ids[:, :cur], scores)
         probs, candidates = torch.softmax(scores, dim=-1).topk(K, dim=-1)  # (B, K)
-        candidate_logits, candidate_hidden = _traced_pass(model, cache, candidates.view(B * K, 1))
-        candidate_context = _unit(candidate_hidden[-1].view(B, K, -1))  # (B, K, C)
+        candidate_logits = decoder.step(candidates.view(B * K, 1))
+        candidate_context = _unit(decoder.recorded[1][-1].view(B, K, -1))  # (B, K, C)
         cosine = candidate_context @ context[:, :cur].transpose(1, 2)  # (B, K, cur)
         penalty = cosine.masked_fill(~real[:, None, :cur], -math.inf).amax(dim=-1)  # (B, K)
         best = ((1.0 - alpha) * probs - alpha * penalty).argmax(dim=-1)  # (B,)
@@ -124,10 +115,12 @@ def contrastive_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch
         tokens, stopped = place_tokens(plan, ids, cur, candidates.gather(1, best[:, None]).squeeze(1), finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
-        yield Step(tokens, logits, scores, finished, stopped_now)
+        yield Step(tokens, logits, scores, finished, stopped_now, *shown, cache)
         if bool(finished.all()):
-            return
-        logits = candidate_logits[rows]
+            break
+        logits, shown = candidate_logits[rows], _shown(plan, *decoder.recorded, rows)
+    cache.reorder(first_row)
+    cache.rewind(1)  # the last token's keys: the reference's other modes never run it
 
 
 def premature_layers(model: Any, dola_layers: str | list[int]) -> list[int]:
@@ -162,22 +155,23 @@ def dola_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     final layer's and `scores` the processed contrast."""
     (B, P), dev = input_ids.shape, input_ids.device
     total = P + plan.max_new_tokens
-    cache, logits, hidden = _prefill(model, input_ids, attention_mask, plan)
+    decoder, logits = _prefilled(model, input_ids, attention_mask, plan)
     head = model.get_output_embeddings()
     ids = input_ids
     eos = torch.tensor(plan.eos, device=dev) if plan.eos else None
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(plan.max_new_tokens):
         cur = P + step
+        hidden = decoder.recorded[1]
         early = torch.stack([head(hidden[i][:, -1]).float().to(dev) for i in layers])  # (layers, B, V)
         ids = _room(ids, cur + 1, total, plan.pad)
         tokens, scores, stopped = choose_tokens(plan, ids, cur, dola_logits(logits, early), finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
-        yield Step(tokens, logits, scores, finished, stopped_now)
+        yield Step(tokens, logits, scores, finished, stopped_now, *_shown(plan, *decoder.recorded), decoder.cache)
         if step + 1 == plan.max_new_tokens or bool(finished.all()):
             return
-        logits, hidden = _traced_pass(model, cache, tokens[:, None])
+        logits = decoder.step(tokens[:, None])
 
 
 def dola_logits(final: torch.Tensor, early: torch.Tensor) -> torch.Tensor:

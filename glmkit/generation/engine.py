@@ -21,7 +21,7 @@ import torch
 
 from ..attn_backends import FLASH, AttentionBackendError, flash_mask
 from ..cache import KVCache
-from ..modeling import check_token_ids
+from ..modeling import LayerTrace, check_token_ids
 from ..placement import DeviceMapError, spans_devices
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds prefill memory
@@ -38,18 +38,26 @@ class Step:
     scores: torch.Tensor  # (B, V) after the processors
     finished: torch.Tensor  # (B,) bool: the row has stopped (EOS or stop string) as of this token
     stopped_now: torch.Tensor  # (B,) bool: the row stopped at this token
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer, of the pass the logits came from (when recorded)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then each layer's output (when recorded)
+    cache: KVCache | None = None  # the decoder's cache (one object for every step), for generate's output
 
 
 def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask: torch.Tensor | None = None,
-                   last_only: bool = True) -> torch.Tensor:  # fmt: skip
-    """tokens (B, T) -> fp32 logits (B, V) of the last position, or (B, T, V). The cache decides where the
-    tokens go and which keys they see; ids are not range-checked here (the caller checked the prompt once)."""
+                   last_only: bool = True, trace: LayerTrace | None = None) -> torch.Tensor:  # fmt: skip
+    """tokens (B, T), or embeddings (B, T, C) in their place -> fp32 logits (B, V) of the last position, or
+    (B, T, V). The cache decides where the tokens go and which keys they see; ids are not range-checked here
+    (the caller checked the prompt once). A `trace` collects what the HF-style forward returns per layer:
+    attentions, and hidden states to which the last layer's (after the final norm) is added here."""
     base = model.base_model
-    x = base.embed_tokens(tokens)  # (B, T, C)
-    mask, positions = cache.begin(tokens.shape[0], tokens.shape[1], tokens.device, token_mask)
+    x = base.embed_tokens(tokens) if tokens.dim() == 2 else tokens  # (B, T, C)
+    B, T = x.shape[:2]
+    mask, positions = cache.begin(B, T, x.device, token_mask)
     if model.config._attn_implementation == FLASH:  # the real tokens packed, made once for every layer
-        mask = flash_mask(mask, *cache.real_tokens(tokens.shape[1]))
-    hidden = base.core(x, positions, mask, cache)
+        mask = flash_mask(mask, *cache.real_tokens(T))
+    hidden = base.core(x, positions, mask, cache, trace)
+    if trace is not None and trace.hidden_states:
+        trace.all_hidden.append(hidden)
     if last_only:
         hidden = hidden[:, -1]  # (B, C)
     return model.lm_head(hidden).float().to(tokens.device)  # from the head's device, under a device_map
@@ -127,13 +135,18 @@ class Decoder:
     mode "plain": eager, a cache preallocated to `capacity` that returns only the slots written so far;
     "static": eager on fixed-shape buffers; "compiled": the static step under torch.compile. The cache's
     slot dimension is marked dynamic for the compiler, so one graph serves every capacity and length.
+    `cache`: the caller's (plain mode), continued. `record` = (attentions, hidden states): what to keep of
+    every forward pass in `recorded` (generate's output_attentions / output_hidden_states; plain mode).
     """
 
-    def __init__(self, model: Any, capacity: int, mode: str = "plain", compile: bool | dict[str, Any] = False):
+    def __init__(self, model: Any, capacity: int | None, mode: str = "plain", compile: bool | dict[str, Any] = False,
+                 cache: KVCache | None = None, record: tuple[bool, bool] = (False, False)):  # fmt: skip
         if mode not in ("plain", "static", "compiled"):
             raise ValueError(f"unknown decode mode {mode!r}")
         self.model, self.mode = model, mode
-        self.cache = model.base_model.cache_class(capacity, static=mode != "plain")
+        self.cache = cache if cache is not None else model.base_model.cache_class(capacity, static=mode != "plain")
+        self.record = record if any(record) else None
+        self.recorded: tuple[tuple | None, tuple | None] = (None, None)  # (attentions, hidden states) of the last pass
         self.compiled = None
         if mode == "compiled":
             if model.config._attn_implementation == FLASH:
@@ -149,16 +162,18 @@ class Decoder:
         self._prepared = False
 
     def prefill(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompt (B, P) through the model in chunks of PREFILL_CHUNK (eagerly); fp32 logits (B, V) of
-        its last position. Ids are range-checked here, once per call. Called again, it continues the cache."""
-        check_token_ids(ids, self.model.base_model.embed_tokens.num_embeddings)
-        chunk = PREFILL_CHUNK
+        """Run the prompt (B, P), or its embeddings (B, P, C), through the model in chunks of PREFILL_CHUNK
+        (eagerly; in one pass when recording: the reference's first step covers the whole prompt); fp32 logits
+        (B, V) of its last position. Ids are range-checked here, once per call. Called again, it continues the cache."""
+        if ids.dim() == 2:
+            check_token_ids(ids, self.model.base_model.embed_tokens.num_embeddings)
+        chunk = PREFILL_CHUNK if self.record is None else max(ids.shape[1], 1)
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None  # no padding: the cache can skip masks for one-token steps
         logits = None
         for start in range(0, ids.shape[1], chunk):
             part = token_mask[:, start : start + chunk] if token_mask is not None else None
-            logits = forward_tokens(self.model, self.cache, ids[:, start : start + chunk], part)
+            logits = self._forward(ids[:, start : start + chunk], part)
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -174,11 +189,21 @@ class Decoder:
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly", stacklevel=2)
                 forget_compiled_step(self.model, self._compile_options)
                 self.compiled = None
-        return forward_tokens(self.model, self.cache, tokens)
+        return self._forward(tokens)
 
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Several tokens per row (B, T) in one forward (speculative verification) -> logits (B, T, V)."""
-        return forward_tokens(self.model, self.cache, tokens, last_only=False)
+        return self._forward(tokens, last_only=False)
+
+    def _forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None,
+                 last_only: bool = True) -> torch.Tensor:  # fmt: skip
+        if self.record is None:  # the default: the model collects nothing
+            return forward_tokens(self.model, self.cache, tokens, token_mask, last_only)
+        trace = LayerTrace(attentions=self.record[0], hidden_states=self.record[1])
+        logits = forward_tokens(self.model, self.cache, tokens, token_mask, last_only, trace)
+        self.recorded = (tuple(trace.all_attentions) if trace.attentions else None,
+                         tuple(trace.all_hidden) if trace.hidden_states else None)  # fmt: skip
+        return logits
 
     def _prepare_for_compile(self) -> None:
         cache = self.cache
@@ -259,20 +284,32 @@ def decode_mode(fast: dict[str, Any]) -> str:
 @torch.no_grad()
 def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Any,
                  fast: dict[str, Any] | None = None, check_every: int = CHECK_EVERY,
-                 drafter: Any = None) -> Iterator[Step]:  # fmt: skip
+                 drafter: Any = None, inputs_embeds: torch.Tensor | None = None,
+                 cache: KVCache | None = None) -> Iterator[Step]:  # fmt: skip
     """The token loop: prefill, then one token per row per step (or, with a `drafter`, several verified
     in one forward pass) until every row stops or max_new_tokens is reached. May yield up to
-    check_every - 1 all-pad steps after every row has finished; `Step.finished` says where that was."""
+    check_every - 1 all-pad steps after every row has finished; `Step.finished` says where that was.
+
+    `inputs_embeds` (B, T, C) run in place of the prompt's ids, which may then be empty (B, 0): the
+    sequences hold the new tokens only. A `cache` (plain mode) holding the prompt's first tokens already
+    is continued: only the rest runs, and `attention_mask` (over the whole prompt) re-marks its padding.
+    `plan.record` asks each step for the attentions / hidden states of its forward pass (plain mode)."""
     fast = fast or {}
     B, P = input_ids.shape
+    past = 0 if cache is None else cache.get_seq_length()
+    first = input_ids[:, past:] if inputs_embeds is None else inputs_embeds  # what the first forward pass runs
+    shift = past + first.shape[1] - P  # cache slots ahead of the ids: an embeddings-only prompt's
     total = P + plan.max_new_tokens
     mode = "plain" if drafter is not None else decode_mode(fast)
-    reserve = reserved_length(model, P, total, mode)
-    ids = input_ids.new_full((B, reserve), plan.pad if plan.pad is not None else 0)
+    reserve = reserved_length(model, P + shift, total + shift, mode)
+    ids = input_ids.new_full((B, reserve - shift), plan.pad if plan.pad is not None else 0)
     ids[:, :P] = input_ids
     # past the context length a plain cache grows with the generation instead of reserving max_new_tokens
-    decoder = Decoder(model, total if reserve == total else None, mode, fast.get("compile", False))
-    logits = decoder.prefill(input_ids, attention_mask)
+    capacity = total + shift if reserve == total + shift else None
+    decoder = Decoder(model, capacity, mode, fast.get("compile", False), cache, plan.record)
+    if past:
+        decoder.cache.set_valid(attention_mask)
+    logits = decoder.prefill(first, attention_mask[:, past:])
     eos = torch.tensor(plan.eos, device=ids.device) if plan.eos else None
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     if drafter is not None:
@@ -284,7 +321,7 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         tokens, scores, stopped = choose_tokens(plan, ids, cur, logits, finished, eos)
         stopped_now = stopped & ~finished
         finished = finished | stopped
-        yield Step(tokens, logits, scores, finished, stopped_now)
+        yield Step(tokens, logits, scores, finished, stopped_now, *decoder.recorded, decoder.cache)
         if step + 1 == plan.max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
             return
         logits = decoder.step(tokens[:, None])
@@ -298,7 +335,7 @@ def _speculative_steps(decoder: Decoder, drafter: Any, ids: torch.Tensor, P: int
     end = P + plan.max_new_tokens
     tokens, scores, stopped = choose_tokens(plan, ids, P, logits, finished, eos)
     finished = finished | stopped
-    yield Step(tokens, logits, scores, finished, stopped)
+    yield Step(tokens, logits, scores, finished, stopped, cache=decoder.cache)
     cur = P + 1  # ids[:, cur - 1] is chosen but not yet in the cache
     while cur < end and not bool(finished.all()):
         draft = drafter.propose(ids[:, :cur], min(drafter.max_tokens, end - cur - 1))  # (1, k)
@@ -309,7 +346,7 @@ def _speculative_steps(decoder: Decoder, drafter: Any, ids: torch.Tensor, P: int
         for j in range(k + 1):
             tokens, scores, stopped = choose_tokens(plan, ids, cur + j, all_logits[:, j], finished, eos)
             finished = finished | stopped
-            yield Step(tokens, all_logits[:, j], scores, finished, stopped)
+            yield Step(tokens, all_logits[:, j], scores, finished, stopped, cache=decoder.cache)
             if j == k or bool(finished.all()) or int(tokens[0]) != int(draft[0, j]):
                 break  # the model chose otherwise at cur + j (its token is written there) or all were kept
         decoder.cache.rewind(k - j)  # drafts after the last one kept

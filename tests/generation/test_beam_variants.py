@@ -188,3 +188,14 @@ def test_invalid_arguments(pair, kwargs, match):
 def test_constraint_that_is_not_one():
     with pytest.raises(TypeError, match="is not a constraint"):
         GenerationConfig(num_beams=2, constraints=[[5, 6]]).validate()
+
+
+@pytest.mark.parametrize("extra", [dict(output_attentions=True), dict(output_hidden_states=True), "embeds"])
+@pytest.mark.parametrize("mode", [dict(num_beam_groups=2, diversity_penalty=1.0), dict(force_words_ids=[[5]])])
+def test_variants_refuse_what_they_do_not_implement(pair, mode, extra):
+    ids, mask = prompts(False)
+    ours = pair[1]
+    inputs = dict(inputs_embeds=ours.get_input_embeddings()(ids)) if extra == "embeds" else dict(input_ids=ids, **extra)
+    with pytest.raises(NotImplementedError, match="group / constrained beam search take input_ids only"):
+        ours.generate(attention_mask=mask, max_new_tokens=3, num_beams=2, return_dict_in_generate=True,
+                      **inputs, **mode)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -37,11 +38,11 @@ def prompts(padded: bool, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def full_forward(model, ids: torch.Tensor, mask: torch.Tensor):
+def full_forward(model, ids: torch.Tensor, mask: torch.Tensor, attentions: bool = False):
     """The whole sequence at once, positions counting the real tokens (padding at 1, as generate places it)."""
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                 output_hidden_states=True)  # fmt: skip
+                 output_hidden_states=True, output_attentions=attentions)  # fmt: skip
 
 
 def processors(repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0):
@@ -276,6 +277,53 @@ def test_dola_picks_layers_per_depth():
         assert premature_layers(fake(depth, tied), "low") == low, (depth, tied)
         assert premature_layers(fake(depth, tied), "high") == high, (depth, tied)
     assert premature_layers(fake(10, False), [3, 0, 9]) == [3, 0, 9]
+
+
+# ---- per-layer outputs and the returned cache ------------------------------------------------------------
+
+
+MODES = [dict(penalty_alpha=0.6, top_k=4), dict(dola_layers=[0, 1], repetition_penalty=1.2)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["contrastive", "dola"])
+def test_attentions_hidden_states_and_returned_cache(model, mode):
+    """Per step, the attentions and hidden states of the pass its logits came from (the prompt's, then the chosen
+    token's), as a full forward of the final sequences gives them; the cache holds every token but the last, one
+    row per prompt, and greedy decoding continues from it as from scratch."""
+    ids, mask = prompts(padded=True)
+    whole = F.pad(mask, (0, NEW), value=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # glmkit's sdpa models compute attention weights eagerly, and say so
+        out = generate(model, ids, mask, eos_token_id=None, output_attentions=True, output_hidden_states=True, **mode)
+        full = full_forward(model, out.sequences, whole, attentions=True)
+    depth = len(model.base_model.layers)
+    assert len(out.hidden_states) == len(out.attentions) == NEW
+    for t in range(NEW):
+        q = slice(0, P) if t == 0 else slice(P + t - 1, P + t)
+        real = mask.bool() if t == 0 else torch.ones(ids.shape[0], 1, dtype=torch.bool)  # padding's are arbitrary
+        assert len(out.hidden_states[t]) == depth + 1 and len(out.attentions[t]) == depth
+        for layer, (got, want) in enumerate(zip(out.hidden_states[t], full.hidden_states)):
+            torch.testing.assert_close(got[real], want[:, q][real], rtol=1e-5, atol=2e-5,
+                                       msg=f"hidden {layer} at step {t}")  # fmt: skip
+        for layer, (got, want) in enumerate(zip(out.attentions[t], full.attentions)):
+            want = want[:, :, q, : q.stop]  # (B, H, queries, keys)
+            torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real], rtol=1e-5, atol=2e-5,
+                                       msg=f"attentions {layer} at step {t}")  # fmt: skip
+    cache = out.past_key_values
+    assert cache.get_seq_length() == P + NEW - 1 and cache.lengths.shape[0] == ids.shape[0]
+    more = dict(attention_mask=whole, max_new_tokens=3, eos_token_id=None)
+    assert model.generate(out.sequences, past_key_values=cache, **more).tolist() == \
+        model.generate(out.sequences, **more).tolist()  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["contrastive", "dola"])
+def test_inputs_embeds_and_past_key_values_refused(model, mode):
+    ids, mask = prompts(padded=False, batch=1)
+    with pytest.raises(NotImplementedError, match="input_ids only"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=3, **mode)
+    cache = model.generate(ids, max_new_tokens=2, return_dict_in_generate=True).past_key_values
+    with pytest.raises(NotImplementedError, match="input_ids only"):
+        model.generate(torch.cat([ids, ids[:, :3]], 1), past_key_values=cache, max_new_tokens=3, **mode)
 
 
 # ---- refused settings ---------------------------------------------------------------------------------

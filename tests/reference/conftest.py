@@ -7,6 +7,12 @@ model behaviour is never re-implemented here. Tests that cannot apply are skippe
 not_applicable.txt. The pipeline mixin is replaced by an empty class (pipelines are transformers' own code
 run on hub models; see not_applicable.txt).
 
+Where upstream's family files were fetched (GitHub), they run. Where only the PyPI sdist could be fetched, it has
+ModelTesterMixin and ConfigTester but no family files, no generation mixin and no
+tests/utils/test_configuration_utils.py: glmkit's stand-in family modules (test_standin_*.py) run the two mixins
+instead, the generation mixin's import gets an empty placeholder (so none of its tests run) and ConfigTester's
+`config_common_kwargs` gets glmkit's own stand-in dict (below).
+
 It rebinds names inside the `transformers` module for the whole process, so it must never share a process
 with the parity tests (which use transformers as the oracle): the folder is collected only when
 GLMKIT_REFERENCE_SUITE=1 (.ci/steps/reference.sh).
@@ -26,9 +32,12 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM = HERE / "upstream"
 ENABLED = os.environ.get("GLMKIT_REFERENCE_SUITE") == "1"
 
-# only the three families' test files are collected; the mixins are imported by them
+# only the three families' test files are collected; the mixins are imported by them. A family's stand-in module is
+# collected only where upstream's own file for it is absent (sdist fetch).
 _MIXINS = ["upstream/tests/test_*.py", "upstream/tests/generation/*", "upstream/tests/utils/*"]
-collect_ignore_glob = _MIXINS if ENABLED else ["*"]
+_STAND_INS = [f"test_standin_{family}.py" for family in ("glm", "xglm", "persimmon")
+              if (UPSTREAM / "tests" / "models" / family).is_dir()]  # fmt: skip
+collect_ignore_glob = _MIXINS + _STAND_INS if ENABLED else ["*"]
 
 # transformers' public name -> glmkit's public name (identical names: the classes are the same API)
 FAMILY_NAMES = (
@@ -43,9 +52,13 @@ FAMILY_NAMES = (
 
 
 def _bind_glmkit_classes() -> None:
-    import transformers
+    # testing_utils imports the Trainer and with it processing_utils, whose direct_transformers_import re-runs
+    # transformers/__init__.py and so puts a fresh `transformers` module into sys.modules: bind only after that.
+    import transformers.testing_utils  # noqa: F401
 
     import glmkit
+
+    transformers = sys.modules["transformers"]
 
     for name in FAMILY_NAMES:
         setattr(transformers, name, getattr(glmkit, name))
@@ -65,6 +78,36 @@ def _stub_pipeline_mixin() -> None:
     sys.modules["tests.test_pipeline_mixin"] = module
 
 
+def _stand_in_missing_upstream_modules() -> None:
+    """The sdist lacks the generation mixin and tests/utils/test_configuration_utils.py, which
+    test_modeling_common.py and test_configuration_common.py import; give those imports placeholders."""
+    tests = UPSTREAM / "tests"
+    if not (tests / "generation" / "test_utils.py").exists():
+        sys.modules["tests.generation"] = types.ModuleType("tests.generation")
+        module = types.ModuleType("tests.generation.test_utils")
+        module.GenerationTesterMixin = type("GenerationTesterMixin", (), {})  # no generation tests run
+        sys.modules["tests.generation.test_utils"] = module
+        reason = "the sdist has no generation mixin (its stand-in is an empty class): no inheritance to check"
+        NOT_APPLICABLE.append(("test_generation_tester_mixin_inheritance", reason))
+    if not (tests / "utils" / "test_configuration_utils.py").exists():
+        sys.modules["tests.utils"] = types.ModuleType("tests.utils")
+        module = types.ModuleType("tests.utils.test_configuration_utils")
+        module.config_common_kwargs = STAND_IN_CONFIG_COMMON_KWARGS
+        sys.modules["tests.utils.test_configuration_utils"] = module
+
+
+# glmkit's stand-in for upstream's `config_common_kwargs` (ConfigTester.check_config_arguments_init builds a config
+# from these and checks each is kept): generic keys every transformers 4.56 config takes, at non-default values.
+STAND_IN_CONFIG_COMMON_KWARGS = {
+    "return_dict": False, "output_hidden_states": True, "output_attentions": True, "dtype": "float16",
+    "tie_word_embeddings": False, "is_decoder": True, "chunk_size_feed_forward": 4, "architectures": ["SomeModel"],
+    "finetuning_task": "summarization", "id2label": {0: "negative", 1: "positive"},
+    "label2id": {"negative": 0, "positive": 1}, "tokenizer_class": "SomeTokenizer", "prefix": "summarize: ",
+    "bos_token_id": 5, "pad_token_id": 6, "eos_token_id": 7, "sep_token_id": 8, "decoder_start_token_id": 9,
+    "task_specific_params": {"summarization": {"max_length": 20}}, "problem_type": "single_label_classification",
+}  # fmt: skip
+
+
 def _read_not_applicable() -> list[tuple[str, str]]:
     """`pattern  reason` lines: pattern is `test_name` or `TestClass::test_name` (fnmatch wildcards)."""
     entries = []
@@ -77,12 +120,13 @@ def _read_not_applicable() -> list[tuple[str, str]]:
 
 
 if ENABLED:
-    if not (UPSTREAM / "tests").is_dir():
+    if not (UPSTREAM / "tests" / "test_modeling_common.py").is_file():
         raise pytest.UsageError(f"{UPSTREAM} is missing: run tests/reference/fetch_upstream.sh first")
     sys.path.insert(0, str(UPSTREAM))
+    NOT_APPLICABLE = _read_not_applicable()
     _bind_glmkit_classes()
     _stub_pipeline_mixin()
-    NOT_APPLICABLE = _read_not_applicable()
+    _stand_in_missing_upstream_modules()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,6 +138,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not ENABLED:
         return
+    import glmkit
+
+    unbound = [name for name in FAMILY_NAMES if getattr(sys.modules["transformers"], name) is not getattr(glmkit, name)]
+    if unbound:  # something replaced the `transformers` module after the binding: the tests would run transformers
+        raise pytest.UsageError(f"transformers' {', '.join(unbound)} are no longer bound to glmkit's classes")
     for item in items:
         cls = item.cls.__name__ if item.cls is not None else ""
         name = item.originalname or item.name

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Run transformers' own v4.56.2 tests for the three families against glmkit (see conftest.py), in the current
-# Python environment (glmkit with its [test] extra, plus parameterized). Prints passed / failed / not applicable
-# / skipped-upstream per family; exits 1 when a family passes fewer than MIN_RATE of its applicable tests
-# (default 0.95) or when the suite cannot be fetched or collected. About 3 min on 2 CPU cores.
-# Not a CI step yet (CI cannot reach GitHub, and the generation mixin's pass rate has never been measured). To wire it
-# after one networked run and triage, .ci/steps/reference.sh would be:
-#   python3 -m venv .venv-reference && . .venv-reference/bin/activate
-#   pip install -q torch==2.13.0 && pip install -q -e ".[test]" parameterized
-#   MIN_RATE=${MIN_RATE:-0.95} bash tests/reference/run.sh
+# Python environment (glmkit with its [test] extra, plus parameterized). CI runs it as .ci/steps/reference.sh.
+# fetch_upstream.sh takes the tests from the v4.56.2 tag on GitHub (the family files, causal_lm_tester.py and the
+# generation mixin run) or, where GitHub is out of reach as in CI, from the PyPI sdist (ModelTesterMixin and
+# ConfigTester run through glmkit's stand-in family modules, test_standin_*.py; no generation mixin tests). Prints
+# the source, then passed / failed / not applicable / skipped upstream per family; exits 1 when nothing could be
+# fetched or collected, or when a family passes fewer than MIN_RATE (default 0.95) of its applicable tests.
+# About 2-4 min on 2 CPU cores from the sdist.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/reference/fetch_upstream.sh
