@@ -24,6 +24,7 @@ class StandInModelTester:
     causal_lm_class: type
     sequence_classification_class: type | None = None
     token_classification_class: type | None = None
+    config_extra: dict = {}  # family-specific config keywords on top of the common ones (see get_config)
 
     batch_size = 13
     seq_length = 7
@@ -49,7 +50,15 @@ class StandInModelTester:
         return tuple(c for c in classes if c is not None)
 
     def get_config(self):
-        raise NotImplementedError
+        """The config under the common (Llama-style) keyword names GLM and Persimmon share, plus the family's
+        `config_extra`; a family with other names (XGLM) overrides this."""
+        return self.config_class(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads, hidden_act="gelu",
+            max_position_embeddings=self.max_position_embeddings, initializer_range=self.initializer_range,
+            tie_word_embeddings=False, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, **self.config_extra,
+        )  # fmt: skip
 
     def prepare_input_ids(self) -> torch.Tensor:
         return ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
