@@ -250,6 +250,23 @@ class KVCache(CacheAPIMixin):
         out.uniform = self.uniform or bool((self.lengths == seen).all())  # a static cache's rows may be aligned
         return out
 
+    def split(self, keep: list[int]) -> list[KVCache]:
+        """One cache per row, row i holding its first keep[i] slots (right-padded prompts prefilled together,
+        each then on its own: the padding after a row's real tokens is dropped)."""
+        if self.lengths is None or len(keep) != self.lengths.shape[0]:
+            raise ValueError(f"split needs a written cache and one length per row ({len(keep)} given)")
+        rows = []
+        for i, n in enumerate(keep):
+            row = type(self)()
+            row.keys = [k[i : i + 1, :, :n].clone() for k in self.keys]
+            row.values = [v[i : i + 1, :, :n].clone() for v in self.values]
+            row.valid = self.valid[i : i + 1, :n].clone()
+            row.lengths = self.lengths.new_full((1,), n)
+            row.next_position = self.next_position[i : i + 1].clone()
+            row.seen, row.all_valid = n, bool(row.valid.all())
+            rows.append(row)
+        return rows
+
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
         """One batch from caches of single rows or batches (what a server does when rows join): every row

@@ -62,13 +62,15 @@ def run(model, tokenizer, requests, **scheduler_kwargs) -> Collector:
     return collect
 
 
-def test_batched_greedy_equals_generate_alone(bundled):
+@pytest.mark.parametrize("prefill_chunk", [8, 512])
+def test_batched_greedy_equals_generate_alone(bundled, prefill_chunk):
     """10 requests of different lengths through 4 rows, prompts prefilled in 8-token chunks between decode
-    steps: each request's tokens and text equal `generate` on it alone."""
+    steps (or, with 512, whole prompts of different lengths right-padded into one forward): each request's
+    tokens and text equal `generate` on it alone."""
     model, tokenizer = bundled
     requests = [(tokenizer(p).input_ids, SamplingParams(max_tokens=12 + 5 * i, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(PROMPTS * 2)]  # fmt: skip
-    got = run(model, tokenizer, requests, max_num_seqs=4, prefill_chunk=8)
+    got = run(model, tokenizer, requests, max_num_seqs=4, prefill_chunk=prefill_chunk)
     for i, (ids, params) in enumerate(requests):
         want = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens, eos_token_id=None)
         want = want[0, len(ids) :].tolist()
@@ -78,6 +80,34 @@ def test_batched_greedy_equals_generate_alone(bundled):
         assert got.text(str(i)) == tokenizer.decode(ids[-4:] + want, skip_special_tokens=True)[len(context) :]
         assert got.reason(str(i)) == "length"
         assert got.events[str(i)][-1].completion_tokens == params.max_tokens
+
+
+def test_a_request_arriving_during_a_step_is_prefilled_inside_it(bundled):
+    """B is submitted when A's first token arrives, i.e. just before A's first decode step: B's prompt is
+    prefilled between that step's layers, so B's first token comes before A's second (without preemption it
+    would wait for the step to end). Both still equal `generate` alone."""
+    model, tokenizer = bundled
+    a, b = tokenizer(PROMPTS[2]).input_ids, tokenizer(PROMPTS[4]).input_ids
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    order, collect = [], Collector(2)
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=4)
+
+    def on_event(event) -> None:
+        order.append((event.request_id, len(event.token_ids)))
+        if event.request_id == "a" and len(order) == 1:
+            scheduler.submit(Request(b, params, on_event, request_id="b"))
+        collect(event)
+
+    scheduler.start()
+    try:
+        scheduler.submit(Request(a, params, on_event, request_id="a"))
+        collect.wait()
+    finally:
+        scheduler.stop()
+    assert order[:3] == [("a", 1), ("b", 1), ("a", 1)]
+    for rid, ids in (("a", a), ("b", b)):
+        want = model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=None)[0, len(ids) :].tolist()
+        assert collect.tokens(rid) == want
 
 
 def test_seeded_sampling_independent_of_the_batch(bundled):

@@ -44,11 +44,13 @@ class Step:
 
 
 def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask: torch.Tensor | None = None,
-                   last_only: bool = True, trace: LayerTrace | None = None) -> torch.Tensor:  # fmt: skip
-    """tokens (B, T), or embeddings (B, T, C) in their place -> fp32 logits (B, V) of the last position, or
-    (B, T, V). The cache decides where the tokens go and which keys they see; ids are not range-checked here
-    (the caller checked the prompt once). A `trace` collects what the HF-style forward returns per layer:
-    attentions, and hidden states to which the last layer's (after the final norm) is added here."""
+                   last_only: bool = True, trace: LayerTrace | None = None,
+                   last: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """tokens (B, T), or embeddings (B, T, C) in their place -> fp32 logits (B, V) of the last position (or,
+    given `last` (B,), of position last[i] in row i: right-padded rows), or (B, T, V). The cache decides where
+    the tokens go and which keys they see; ids are not range-checked here (the caller checked the prompt once).
+    A `trace` collects what the HF-style forward returns per layer: attentions, and hidden states to which the
+    last layer's (after the final norm) is added here."""
     base = model.base_model
     x = base.embed_tokens(tokens) if tokens.dim() == 2 else tokens  # (B, T, C)
     B, T = x.shape[:2]
@@ -58,7 +60,9 @@ def forward_tokens(model: Any, cache: KVCache, tokens: torch.Tensor, token_mask:
     hidden = base.core(x, positions, mask, cache, trace)
     if trace is not None and trace.hidden_states:
         trace.all_hidden.append(hidden)
-    if last_only:
+    if last is not None:
+        hidden = hidden[torch.arange(B, device=hidden.device), last.to(hidden.device)]  # (B, C)
+    elif last_only:
         hidden = hidden[:, -1]  # (B, C)
     return model.lm_head(hidden).float().to(tokens.device)  # from the head's device, under a device_map
 

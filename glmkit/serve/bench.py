@@ -11,7 +11,7 @@ in flight; --request-rate spaces arrivals as a Poisson process (default: all at 
 (submission to the first text), ITL (between text chunks), TPOT ((latency - TTFT) / (tokens - 1)); the
 table prints their mean and p50 / p90 / p99, and request and token throughput over the run.
 --compare (in-process only) also times one stream alone and the reference's `generate` serving requests
-one by one on the same weights, and prints the aggregate ratios; --ttft-probe times a new request's TTFT
+one by one on the same weights (in --dtype), and prints the aggregate ratios; --ttft-probe times a new request's TTFT
 on the idle server and while concurrency - 1 others stream.
 """
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ref-requests", type=int, default=4, help="--compare: requests the reference serves")
     parser.add_argument("--ttft-probe", action="store_true", help="TTFT idle vs beside concurrency - 1 streams")
     parser.add_argument("--check", action="store_true", help="fail unless every stream is well formed and complete")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations of the served model (and of --compare's reference)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -205,13 +207,14 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(glmkit model, tokenizer, reference model or None): --mid builds both on shared random weights."""
     import glmkit
 
+    dtype = getattr(torch, args.dtype)
     if args.mid:
         from ..bench import build_pair
 
-        ref, model = build_pair("glm", MID_SHAPE, torch.float32, torch.device("cpu"))
+        ref, model = build_pair("glm", MID_SHAPE, dtype, torch.device("cpu"))
         tokenizer = glmkit.AutoTokenizer.from_pretrained("default:glm")  # prompts are ids; text is for decode
         return model, tokenizer, ref
-    model = glmkit.AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = glmkit.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).eval()
     tokenizer = glmkit.AutoTokenizer.from_pretrained(args.model)
     ref = None
     if args.compare:
@@ -220,7 +223,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         from .. import bundled
 
         source = bundled.path(args.model.split(":", 1)[1]) if args.model.startswith("default:") else args.model
-        ref = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(source, torch_dtype=dtype).eval()
     return model, tokenizer, ref
 
 
@@ -256,22 +259,32 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def ttft_probe(url: str, name: str, prompt: list[int], others: list[Any], output_len: int) -> dict[str, Any]:
-    """A request's TTFT on the idle server (best of 3) and while `others` stream long completions."""
+async def ttft_probe(url: str, name: str, prompt: list[int], others: list[Any], output_len: int,
+                     probes: int = 7, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """A request's TTFT on the idle server and while `others` stream long completions: the median of `probes`
+    requests each, the busy ones sent one after another at a random moment (up to 250 ms after the previous one
+    ended), so they land at any point of the running batch's decode step, as real arrivals do."""
     import httpx
 
+    rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        idle = min([(await one_request(client, url, name, prompt, 4)).ttft for _ in range(3)])
+        idle = [(await one_request(client, url, name, prompt, 4)).ttft for _ in range(probes)]
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
                                  limits=httpx.Limits(max_connections=len(others) + 8)) as client:  # fmt: skip
         started = [asyncio.Event() for _ in others]
         background = [asyncio.create_task(one_request(client, url, name, p, output_len * 4, flag))
                       for p, flag in zip(others, started)]  # fmt: skip
         await asyncio.wait_for(asyncio.gather(*(flag.wait() for flag in started)), 600)  # all are streaming
-        busy = (await one_request(client, url, name, prompt, 4)).ttft
+        busy = []
+        for _ in range(probes):
+            await asyncio.sleep(rng.uniform(0.0, 0.25))
+            busy.append((await one_request(client, url, name, prompt, 4)).ttft)
+        finished = sum(not task.done() for task in background)
         await asyncio.gather(*background)
-    return {"run": "ttft probe", "idle_ms": idle * 1e3, "busy_ms": busy * 1e3, "others": len(others),
-            "ratio": busy / idle if idle else float("nan")}  # fmt: skip
+    idle_ms, busy_ms = statistics.median(idle) * 1e3, statistics.median(busy) * 1e3
+    return {"run": "ttft probe", "idle_ms": idle_ms, "busy_ms": busy_ms, "others": len(others),
+            "streaming_throughout": finished == len(others), "ratio": busy_ms / idle_ms if idle_ms else float("nan"),
+            "idle_all_ms": [t * 1e3 for t in idle], "busy_all_ms": [t * 1e3 for t in busy]}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -295,7 +308,7 @@ def main(argv: list[str]) -> int:
             url = stack.enter_context(serving(model, tokenizer, name, args.max_num_seqs, max(256, args.num_prompts)))
         prompts = make_prompts(args, tokenizer, vocab)
         print(f"# {url}: {name}, {args.num_prompts} requests, concurrency {args.concurrency}, input {args.input_len}"
-              f", output {args.output_len}, torch threads {torch.get_num_threads()}")  # fmt: skip
+              f", output {args.output_len}, {args.dtype}, torch threads {torch.get_num_threads()}")  # fmt: skip
         asyncio.run(run_load(url, name, prompts[:2], 4, 2, float("inf"), args.seed))  # warm-up
         rss_before = _rss_mb()
         results, duration = asyncio.run(run_load(url, name, prompts, args.output_len, args.concurrency,
@@ -321,10 +334,12 @@ def main(argv: list[str]) -> int:
                   + (f", {ratio(rows[-1]['output_tok_per_s']):.2f}x the reference one by one" if ref else ""))
         if args.ttft_probe:
             others = prompts[1 : args.concurrency]
-            rows.append(asyncio.run(ttft_probe(url, name, prompts[0], others, args.output_len)))
+            rows.append(asyncio.run(ttft_probe(url, name, prompts[0], others, args.output_len, seed=args.seed)))
             p = rows[-1]
-            print(f"# TTFT idle {p['idle_ms']:.1f} ms, beside {p['others']} streams {p['busy_ms']:.1f} ms "
-                  f"({p['ratio']:.2f}x)")  # fmt: skip
+            print(f"# TTFT (median of {len(p['busy_all_ms'])}) idle {p['idle_ms']:.1f} ms, beside {p['others']} "
+                  f"streams {p['busy_ms']:.1f} ms ({p['ratio']:.2f}x); busy probes: "
+                  + " ".join(f"{t:.0f}" for t in p["busy_all_ms"]) + " ms"
+                  + ("" if p["streaming_throughout"] else " (some streams ended before the last probe)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,9 +1,13 @@
 """Continuous batching on the decode engine: requests join and leave the running batch between steps.
 
-One background thread owns the model. Each step it admits waiting requests (each prompt is prefilled in
-chunks into a cache of its own, interleaved with decode steps, so a long prompt never stalls the running
-streams), stacks their caches into the running batch (`KVCache.stack`: every row keeps its own length
-and positions), decodes one token for every running row, and drops rows that finished or were cancelled.
+One background thread owns the model. Each step it admits waiting requests (new prompts that fit the step's
+prefill budget go through one batched forward, right-padded; a long prompt is prefilled in chunks into a cache of
+its own, interleaved with decode steps, so it never stalls the running streams), stacks their caches into the
+running batch (`KVCache.stack`: every row keeps its own length and positions), decodes one token for every
+running row, and drops rows that finished or were cancelled. A request that arrives while a decode step runs
+does not wait for the step to end: between two layers of that step its prompt is prefilled and its first token
+sent (once per step; it joins the batch after the step), so its time to first token hardly depends on how many
+streams are running.
 Sampling is per request (its own settings and its own seeded generator), so a request's tokens do not
 depend on what else shares the batch. Events go to each request's callback from the engine thread.
 """
@@ -17,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +139,8 @@ class Scheduler:
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []
         self._running: list[_Sequence] = []  # row order of self._batch
+        self._joining: list[_Sequence] = []  # prefilled, joining the batch at the end of the step
+        self._decoding = False  # a decode step is running: arrivals may be prefilled between its layers
         self._batch: KVCache | None = None
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
@@ -160,10 +166,10 @@ class Scheduler:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
-        for seq in [*self._waiting, *self._prefilling, *self._running]:
+        for seq in [*self._waiting, *self._prefilling, *self._joining, *self._running]:
             self._finish(seq, "abort")
         self._waiting.clear()
-        self._prefilling, self._running, self._batch = [], [], None
+        self._prefilling, self._joining, self._running, self._batch = [], [], [], None
 
     def submit(self, request: Request) -> str:
         """Queue a request; returns its id. Raises RequestError (bad request) or QueueFull."""
@@ -195,7 +201,7 @@ class Scheduler:
 
     # ---- checks and set-up --------------------------------------------------------------------------
     def _active(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return len(self._running) + len(self._prefilling) + len(self._joining)
 
     def _check(self, request: Request) -> None:
         ids, p = request.prompt_ids, request.params
@@ -267,9 +273,9 @@ class Scheduler:
                     self._step()
                 except Exception as err:  # noqa: BLE001 - a failed step must not end the server
                     logger.exception("engine step failed")
-                    for seq in [*self._prefilling, *self._running]:
+                    for seq in [*self._prefilling, *self._joining, *self._running]:
                         self._finish(seq, "error", error=f"{type(err).__name__}: {err}")
-                    self._prefilling, self._running, self._batch = [], [], None
+                    self._prefilling, self._joining, self._running, self._batch = [], [], [], None
 
     def _idle(self) -> bool:
         """Nothing to do. A tensor-parallel follower never idles here: it waits in the leader's broadcast."""
@@ -292,41 +298,127 @@ class Scheduler:
 
     def _step(self) -> None:
         """A prefill budget of `prefill_chunk` prompt tokens, then one decode step for every running row."""
-        budget = self.prefill_chunk
-        for seq in list(self._prefilling):
-            if budget <= 0:
-                break
-            budget -= self._prefill(seq, budget)
+        self._prefill_for(self.prefill_chunk)
+        self._join()
         if self._running:
             tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
-            with self._routed([s.request.adapter for s in self._running]):
+            with self._routed([s.request.adapter for s in self._running]), self._preemptible():
                 logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
             for row, seq in enumerate(self._running):
                 self._take_or_fail(seq, logits[row])
             self._compact()
+            self._join()  # requests prefilled during the step
+
+    def _prefill_for(self, budget: int) -> None:
+        """Up to `budget` prompt tokens, first come first served: new prompts that fit whole go through one
+        batched forward; a prompt continued from a kept prefix, or too long for what is left, gets a chunk alone."""
+        together = []
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            if seq.cache is None:
+                self._start_cache(seq)
+            left = len(seq.request.prompt_ids) - seq.prefilled
+            if seq.prefilled == 0 and left <= budget:
+                together.append(seq)
+                budget -= left
+            else:
+                budget -= self._prefill(seq, budget)
+        if len(together) == 1:
+            self._prefill(together[0], len(together[0].request.prompt_ids))
+        elif together:
+            self._prefill_together(together)
+
+    def _start_cache(self, seq: _Sequence) -> None:
+        """The request's cache: a kept prefix of its prompt, or empty. Kept prefixes are the base model's KV,
+        so an adapter's request starts afresh."""
+        if seq.request.adapter:
+            seq.cache, seq.prefilled = self.model.base_model.cache_class(), 0
+        else:
+            seq.cache, seq.prefilled = self._cached_prefix(seq.request.prompt_ids)
 
     def _prefill(self, seq: _Sequence, budget: int) -> int:
         """The next chunk (at most `budget` tokens) of this prompt; returns the tokens used."""
-        ids, adapter = seq.request.prompt_ids, seq.request.adapter
-        if seq.cache is None:  # kept prefixes are the base model's KV: an adapter's request starts afresh
-            fresh = (self.model.base_model.cache_class(), 0)
-            seq.cache, seq.prefilled = fresh if adapter else self._cached_prefix(ids)
+        ids = seq.request.prompt_ids
         part = ids[seq.prefilled : seq.prefilled + budget]
-        with self._routed([adapter]):
+        with self._routed([seq.request.adapter]):
             logits = forward_tokens(self.model, seq.cache, torch.tensor([part], device=self.device))
         seq.prefilled += len(part)
-        if seq.prefilled < len(ids):
-            return len(part)
+        if seq.prefilled == len(ids):
+            self._prefilled(seq, logits[0])
+        return len(part)
+
+    def _prefill_together(self, group: list[_Sequence]) -> None:
+        """Whole new prompts in one forward, right-padded (a row's real tokens never see its padding); each row's
+        cache is then cut to its own tokens."""
+        lengths = [len(seq.request.prompt_ids) for seq in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for row, seq in enumerate(group):
+            tokens[row, : lengths[row]] = torch.tensor(seq.request.prompt_ids)
+        real = torch.arange(tokens.shape[1]) < torch.tensor(lengths)[:, None]
+        cache = self.model.base_model.cache_class()
+        with self._routed([seq.request.adapter for seq in group]):
+            logits = forward_tokens(self.model, cache, tokens.to(self.device), real.to(self.device),
+                                    last=torch.tensor(lengths) - 1)  # fmt: skip
+        for seq, row_cache, row_logits in zip(group, cache.split(lengths), logits):
+            seq.cache, seq.prefilled = row_cache, len(seq.request.prompt_ids)
+            self._prefilled(seq, row_logits)
+
+    def _prefilled(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The whole prompt is in `seq.cache`: keep it as a prefix, choose the first token, join at the step's end."""
+        ids = seq.request.prompt_ids
         self._prefilling.remove(seq)
         self.counters["prompt_tokens_total"] += len(ids)
-        if not adapter:
+        if not seq.request.adapter:
             self._keep_prefix(ids, seq.cache)
-        self._take_or_fail(seq, logits[0])
-        if not seq.done:
-            self._batch = seq.cache if self._batch is None else KVCache.stack([self._batch, seq.cache])
-            self._running.append(seq)
-        seq.cache = None
-        return len(part)
+        self._take_or_fail(seq, logits)
+        if seq.done:
+            seq.cache = None
+        else:
+            self._joining.append(seq)
+
+    def _join(self) -> None:
+        """Prefilled requests become rows of the running batch (one copy of the batch for all of them)."""
+        if not self._joining:
+            return
+        caches = [seq.cache for seq in self._joining]
+        self._batch = KVCache.stack(caches if self._batch is None else [self._batch, *caches])
+        self._running.extend(self._joining)
+        for seq in self._joining:
+            seq.cache = None
+        self._joining = []
+
+    @contextlib.contextmanager
+    def _preemptible(self) -> Iterator[None]:
+        """Within the block (a decode step), a request that arrives is prefilled between two layers: see
+        `_between_layers`. Not with tensor parallelism (every rank must run the same passes) or served adapters
+        (a prefill would reroute the step's rows)."""
+        layers = getattr(self.model.base_model, "layers", None)
+        if self.sync is not None or self._adapters or layers is None or len(layers) < 2:
+            yield
+            return
+        hooks = [layer.register_forward_pre_hook(self._between_layers) for layer in layers[1:]]
+        self._decoding = True
+        try:
+            yield
+        finally:
+            self._decoding = False
+            for hook in hooks:
+                hook.remove()
+
+    def _between_layers(self, module: torch.nn.Module, args: tuple) -> None:
+        """A forward pre-hook on layers 1.. during a decode step: admit what is waiting and prefill it now (once
+        per step, `prefill_chunk` tokens at most), so a new request's first token does not wait for the step."""
+        if not self._decoding or not self._waiting:  # an unlocked peek: the common case costs nothing
+            return
+        self._decoding = False  # once per step; also keeps the prefill's own layers from coming back here
+        with self._lock:
+            admitted = []
+            while self._waiting and self._active() + len(admitted) < self.max_num_seqs:
+                admitted.append(self._waiting.popleft())
+            self._prefilling.extend(admitted)
+        if admitted:
+            self._prefill_for(self.prefill_chunk)
 
     def _routed(self, adapters: list[int]) -> contextlib.AbstractContextManager:
         """Row i of the next forward uses LoRA adapter adapters[i] (nothing to do without served adapters)."""
