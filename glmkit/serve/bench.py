@@ -336,8 +336,8 @@ def main(argv: list[str]) -> int:
             others = prompts[1 : args.concurrency]
             rows.append(asyncio.run(ttft_probe(url, name, prompts[0], others, args.output_len, seed=args.seed)))
             p = rows[-1]
-            print(f"# TTFT (median of {len(p['busy_all_ms'])}) idle {p['idle_ms']:.1f} ms, beside {p['others']} "
-                  f"streams {p['busy_ms']:.1f} ms ({p['ratio']:.2f}x); busy probes: "
+            print(f"# TTFT idle {p['idle_ms']:.1f} ms, beside {p['others']} streams {p['busy_ms']:.1f} ms "
+                  f"({p['ratio']:.2f}x; medians of {len(p['busy_all_ms'])}); busy probes: "
                   + " ".join(f"{t:.0f}" for t in p["busy_all_ms"]) + " ms"
                   + ("" if p["streaming_throughout"] else " (some streams ended before the last probe)"))
     if args.json:
