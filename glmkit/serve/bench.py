@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="fail unless every stream is well formed and complete")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations of the served model (and of --compare's reference)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the load this many times, RSS before and after each (growth in round 1 that does "
+                             "not recur is first allocation, not a leak)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -310,14 +313,17 @@ def main(argv: list[str]) -> int:
         print(f"# {url}: {name}, {args.num_prompts} requests, concurrency {args.concurrency}, input {args.input_len}"
               f", output {args.output_len}, {args.dtype}, torch threads {torch.get_num_threads()}")  # fmt: skip
         asyncio.run(run_load(url, name, prompts[:2], 4, 2, float("inf"), args.seed))  # warm-up
-        rss_before = _rss_mb()
-        results, duration = asyncio.run(run_load(url, name, prompts, args.output_len, args.concurrency,
-                                                 args.request_rate, args.seed))  # fmt: skip
-        rows.append(summary(results, duration, f"concurrency {args.concurrency}"))
-        rows[-1]["rss_mb_before"], rows[-1]["rss_mb_after"] = rss_before, _rss_mb()
-        print_summary(rows[-1])
-        print(f"   RSS {rss_before:.0f} MB before, {rows[-1]['rss_mb_after']:.0f} MB after")
-        errors = [r.error for r in results if not r.ok]
+        errors = []
+        for round_ in range(args.rounds):
+            rss_before = _rss_mb()
+            results, duration = asyncio.run(run_load(url, name, prompts, args.output_len, args.concurrency,
+                                                     args.request_rate, args.seed))  # fmt: skip
+            label = f"concurrency {args.concurrency}" + (f", round {round_ + 1}" if args.rounds > 1 else "")
+            rows.append(summary(results, duration, label))
+            rows[-1]["rss_mb_before"], rows[-1]["rss_mb_after"] = rss_before, _rss_mb()
+            print_summary(rows[-1])
+            print(f"   RSS {rss_before:.0f} MB before, {rows[-1]['rss_mb_after']:.0f} MB after")
+            errors += [r.error for r in results if not r.ok]
         for error in sorted(set(errors))[:5]:
             print(f"   failed: {error}")
         if args.compare:
@@ -329,7 +335,11 @@ def main(argv: list[str]) -> int:
             if ref is not None:
                 rows.append(reference_one_by_one(ref, few, args.output_len))
                 print(f"## {rows[-1]['run']}: {rows[-1]['output_tok_per_s']:.1f} output tok/s")
-            batched, ratio = rows[0]["output_tok_per_s"], lambda base: batched / base if base else float("nan")
+            batched = rows[args.rounds - 1]["output_tok_per_s"]  # the last round's
+
+            def ratio(base: float) -> float:
+                return batched / base if base else float("nan")
+
             print(f"# aggregate {batched:.1f} tok/s = {ratio(alone['output_tok_per_s']):.2f}x one stream alone"
                   + (f", {ratio(rows[-1]['output_tok_per_s']):.2f}x the reference one by one" if ref else ""))
         if args.ttft_probe:
@@ -344,6 +354,7 @@ def main(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.check and errors:
-        print(f"# check failed: {len(errors)} of {len(results)} streams incomplete or malformed", file=sys.stderr)
+        total = args.rounds * len(prompts)
+        print(f"# check failed: {len(errors)} of {total} streams incomplete or malformed", file=sys.stderr)
         return 1
     return 0

@@ -105,8 +105,11 @@ def test_max_model_len_past_the_model_is_an_error(capsys):
 def test_bench_serve_runs_and_checks_every_stream(capsys):
     """`glmkit bench serve` end to end on the bundled model (a smoke run: the figures are not checked)."""
     argv = ["bench", "serve", "--num-prompts", "6", "--concurrency", "3", "--input-len", "8", "--output-len", "5",
-            "--check", "--compare", "--ttft-probe"]  # fmt: skip
+            "--check", "--compare", "--ttft-probe", "--rounds", "2", "--dtype", "bfloat16"]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "## concurrency 3: 6 requests, 0 failed" in out and "ttft_ms" in out and "tpot_ms" in out
+    assert "bfloat16" in out and "ttft_ms" in out and "tpot_ms" in out
+    for round_ in (1, 2):
+        assert f"## concurrency 3, round {round_}: 6 requests, 0 failed" in out
     assert "one stream alone" in out and "reference generate" in out and "TTFT idle" in out
+    assert "medians of 7" in out
