@@ -92,6 +92,11 @@ class KVCache(CacheAPIMixin):
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             self.keys[i], self.values[i] = _grown(k, size), _grown(v, size)
 
+    def reserve(self, T: int) -> None:
+        """Room for T more slots in every row, allocated now (a compiled step then never grows the cache, which
+        would take it down another path: a recompile)."""
+        self._ensure_room(self.lengths.shape[0], self.seen + T, self.lengths.device)
+
     # ---- a forward pass ---------------------------------------------------------------------------
     def begin(self, batch_size: int, T: int, device: torch.device,
               token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip

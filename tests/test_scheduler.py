@@ -297,3 +297,39 @@ def test_padded_vocabulary_rows_are_never_sampled():
     for i in range(3):
         assert got.reason(str(i)) == "length" and len(got.tokens(str(i))) == 12
         assert all(t < len(tokenizer) for t in got.tokens(str(i)))
+
+
+def test_a_compiled_decode_step_compiles_once_and_equals_generate_alone():
+    """Scheduler(compile=True): a batch of aligned rows (three equal prompts), then rows joining and leaving at
+    different lengths (and a single row left, which runs eagerly) are served by the one graph `warm_up` compiled;
+    every request's greedy tokens equal `generate` alone."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("default:glm"), AutoTokenizer.from_pretrained("default:glm")
+    requests = [(tokenizer(p).input_ids, SamplingParams(max_tokens=4 + 7 * i, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(PROMPTS[1:2] * 3 + PROMPTS[2:])]  # fmt: skip
+    collect = Collector(len(requests))
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=3, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    scheduler.warm_up()
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    scheduler.start()
+    try:
+        for i, (ids, params) in enumerate(requests):
+            scheduler.submit(Request(ids, params, collect, request_id=str(i)))
+        collect.wait()
+    finally:
+        scheduler.stop()
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "the server's step was compiled again"
+    for i, (ids, params) in enumerate(requests):
+        want = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens, eos_token_id=None)
+        assert collect.tokens(str(i)) == want[0, len(ids) :].tolist(), f"request {i}"
+
+
+def test_compile_refuses_served_adapters(bundled, monkeypatch):
+    from glmkit import lora
+
+    model, tokenizer = bundled
+    monkeypatch.setattr(lora, "multi_lora_modules", lambda model: [object()])  # as once adapters are loaded
+    with pytest.raises(ValueError, match="LoRA"):
+        Scheduler(model, tokenizer, compile=True)

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the load this many times, RSS before and after each (growth in round 1 that does "
                              "not recur is first allocation, not a leak)")
+    parser.add_argument("--compile", action="store_true", help="the in-process server's decode step compiled")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -177,7 +178,8 @@ def print_summary(row: dict[str, Any]) -> None:
 
 # ---- the in-process server ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def serving(model: Any, tokenizer: Any, name: str, max_num_seqs: int, queue: int) -> Iterator[str]:
+def serving(model: Any, tokenizer: Any, name: str, max_num_seqs: int, queue: int,
+            compile: bool = False) -> Iterator[str]:  # fmt: skip
     """A real scheduler and uvicorn server on a free local port, for the benchmark's lifetime."""
     import uvicorn
 
@@ -185,7 +187,9 @@ def serving(model: Any, tokenizer: Any, name: str, max_num_seqs: int, queue: int
     from .scheduler import Scheduler
 
     limit = getattr(model.config, "max_position_embeddings", 2048)
-    scheduler = Scheduler(model, tokenizer, max_num_seqs=max_num_seqs, max_queue_len=queue, max_model_len=limit)
+    scheduler = Scheduler(model, tokenizer, max_num_seqs=max_num_seqs, max_queue_len=queue, max_model_len=limit,
+                          compile=compile)  # fmt: skip
+    scheduler.warm_up()
     scheduler.start()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -308,10 +312,12 @@ def main(argv: list[str]) -> int:
             name = args.served_model_name or ("mid-glm" if args.mid else args.model)
             # the server checks ids against the tokenizer (--mid pairs a 32k model with the bundled 2k tokenizer)
             vocab = min(model.get_output_embeddings().out_features, len(tokenizer))
-            url = stack.enter_context(serving(model, tokenizer, name, args.max_num_seqs, max(256, args.num_prompts)))
+            queue = max(256, args.num_prompts)
+            url = stack.enter_context(serving(model, tokenizer, name, args.max_num_seqs, queue, args.compile))
         prompts = make_prompts(args, tokenizer, vocab)
         print(f"# {url}: {name}, {args.num_prompts} requests, concurrency {args.concurrency}, input {args.input_len}"
-              f", output {args.output_len}, {args.dtype}, torch threads {torch.get_num_threads()}")  # fmt: skip
+              f", output {args.output_len}, {args.dtype}{', compiled' if args.compile else ''}"
+              f", torch threads {torch.get_num_threads()}")  # fmt: skip
         asyncio.run(run_load(url, name, prompts[:2], 4, 2, float("inf"), args.seed))  # warm-up
         errors = []
         for round_ in range(args.rounds):

@@ -29,7 +29,14 @@ import torch
 
 from .. import lora
 from ..cache import KVCache
-from ..generation.engine import PREFILL_CHUNK, forward_tokens
+from ..generation.engine import (
+    PREFILL_CHUNK,
+    compiled_step,
+    forget_compiled_step,
+    forward_tokens,
+    serving_compile_options,
+    serving_compile_settings,
+)
 from ..generation.grammar import Constraint, GrammarError, grammar_tokenizer
 from ..tokenization import streaming_detokenizer
 
@@ -111,11 +118,16 @@ class Scheduler:
 
     max_num_seqs: rows decoded together; max_queue_len: requests waiting beyond those (QueueFull past it);
     max_model_len: prompt + max_tokens limit (RequestError past it; default the model's position limit).
+    compile: run the decode step of two rows or more under torch.compile (`engine.serving_compile_options`, or
+    these torch.compile arguments); call `warm_up()` before serving, or the first such step waits for the
+    compiler. Prompts are prefilled eagerly, and an arriving request then waits for the running step to end (no
+    prefill between its layers).
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_num_seqs: int = 32, max_queue_len: int = 256,
                  max_model_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_size: int = 16, min_prefix: int = 8):  # fmt: skip
+                 prefix_cache_size: int = 16, min_prefix: int = 8,
+                 compile: bool | dict[str, Any] = False):  # fmt: skip
         if max_num_seqs < 1 or max_queue_len < 0 or prefill_chunk < 1 or prefix_cache_size < 0:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1, max_queue_len and prefix_cache_size >= 0")
         # prompts kept after prefill (their KV): a new prompt sharing at least `min_prefix` leading tokens with
@@ -135,6 +147,14 @@ class Scheduler:
         self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
         self.device = model.device
         self._adapters = lora.multi_lora_modules(model)  # empty unless adapters were loaded for serving
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        if compile:
+            if self._adapters:
+                raise ValueError("a compiled decode step does not serve LoRA adapters yet: use compile=False")
+            self._compile_options = compile if isinstance(compile, dict) else serving_compile_options()
+            self._compile_settings = (contextlib.nullcontext if isinstance(compile, dict) else
+                                      lambda: serving_compile_settings(self.device.type == "cuda"))  # fmt: skip
+            self._compiled = compiled_step(model, self._compile_options)
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []
@@ -303,11 +323,43 @@ class Scheduler:
         if self._running:
             tokens = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
             with self._routed([s.request.adapter for s in self._running]), self._preemptible():
-                logits = forward_tokens(self.model, self._batch, tokens)  # (B, V)
+                logits = self._decode(self._batch, tokens)  # (B, V)
             for row, seq in enumerate(self._running):
                 self._take_or_fail(seq, logits[row])
             self._compact()
             self._join()  # requests prefilled during the step
+
+    def _decode(self, batch: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row through the model: compiled where asked (eagerly, with a warning, if compiling fails).
+        A single row runs eagerly: it reads every weight for one token, which a compiled graph does no faster, and a
+        graph of its own (dynamo specialises a size-1 batch) would freeze a second copy of the weights."""
+        if self._compiled is not None and tokens.shape[0] > 1:
+            # per-row writes and a mask even for aligned rows without padding (always safe): one graph serves all
+            batch.uniform = batch.all_valid = False
+            batch.reserve(1)
+            try:
+                with self._compile_settings():
+                    return self._compiled(self.model, batch, tokens)
+            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
+                logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(err).__name__, err)
+                forget_compiled_step(self.model, self._compile_options)
+                self._compiled = None
+        return forward_tokens(self.model, batch, tokens)
+
+    def warm_up(self) -> None:
+        """Compile the decode step (what `glmkit serve --compile` does while /health says 503) on a throwaway
+        batch, so that no request waits for the compiler."""
+        if self._compiled is None:
+            return
+        with torch.inference_mode():
+            caches = []
+            for length in (2, 3):
+                cache = self.model.base_model.cache_class()
+                forward_tokens(self.model, cache, torch.zeros(1, length, dtype=torch.long, device=self.device))
+                caches.append(cache)
+            batch = KVCache.stack(caches)
+            for _ in range(2):
+                self._decode(batch, torch.zeros(2, 1, dtype=torch.long, device=self.device))
 
     def _prefill_for(self, budget: int) -> None:
         """Up to `budget` prompt tokens, first come first served: new prompts that fit whole go through one
@@ -394,7 +446,7 @@ class Scheduler:
         `_between_layers`. Not with tensor parallelism (every rank must run the same passes) or served adapters
         (a prefill would reroute the step's rows)."""
         layers = getattr(self.model.base_model, "layers", None)
-        if self.sync is not None or self._adapters or layers is None or len(layers) < 2:
+        if self.sync is not None or self._adapters or self._compiled is not None or layers is None or len(layers) < 2:
             yield
             return
         hooks = [layer.register_forward_pre_hook(self._between_layers) for layer in layers[1:]]

@@ -29,6 +29,7 @@ class FakeScheduler:
     def __init__(self, tokenizer, max_queue_len: int = 64):
         self.tokenizer, self.max_queue_len = tokenizer, max_queue_len
         self.submitted: list[Request] = []
+        self.warmed = False
         self.cancelled: list[str] = []
         self.active: dict[str, tuple[Request, list[int], object]] = {}  # id -> (request, tokens, detokenizer)
         self.done: dict[str, int] = {}  # id -> tokens emitted so far
@@ -38,6 +39,10 @@ class FakeScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = 0
+
+    def warm_up(self) -> None:
+        assert self._thread is None, "warm_up runs before the scheduler starts"
+        self.warmed = True
 
     def start(self) -> None:
         if self._thread is None:

@@ -76,10 +76,11 @@ def test_serve_answers_503_while_loading_then_serves(monkeypatch, tokenizer):
     monkeypatch.setattr(FakeUvicorn, "serve", staticmethod(serve))
     monkeypatch.setattr(uvicorn, "Server", FakeUvicorn)
     argv = ["serve", "--served-model-name", "tiny", "--api-key", "k3y", "--port", "8123", "--host", "0.0.0.0",
-            "--max-num-seqs", "4", "--max-queue-len", "9", "--max-model-len", "300"]  # fmt: skip
+            "--max-num-seqs", "4", "--max-queue-len", "9", "--max-model-len", "300", "--compile"]  # fmt: skip
     assert cli.main(argv) == 0
     assert made["model"].config.model_type == "glm" and (made["host"], made["port"]) == ("0.0.0.0", 8123)
-    assert made["kwargs"] == {"max_num_seqs": 4, "max_queue_len": 9, "max_model_len": 300}
+    assert made["kwargs"] == {"max_num_seqs": 4, "max_queue_len": 9, "max_model_len": 300, "compile": True}
+    assert made["engine"].warmed, "the decode step is compiled before /health says ready"
     assert made["models"] == ["tiny"] and made["reply"].usage.completion_tokens == 3
     assert 'glmkit:time_to_first_token_seconds_count{model_name="tiny"} 1.0' in made["metrics"]
     assert made["engine"]._stopping, "the scheduler stops with the server"
@@ -113,3 +114,8 @@ def test_bench_serve_runs_and_checks_every_stream(capsys):
         assert f"## concurrency 3, round {round_}: 6 requests, 0 failed" in out
     assert "one stream alone" in out and "reference generate" in out and "TTFT idle" in out
     assert "medians of 7" in out
+
+
+def test_compile_with_served_adapters_is_an_error(capsys):
+    assert cli.main(["serve", "--compile", "--lora", "mine=/some/adapter"]) == 1
+    assert "--compile cannot be combined with --lora" in capsys.readouterr().err
