@@ -302,11 +302,13 @@ def test_padded_vocabulary_rows_are_never_sampled():
 def test_a_compiled_decode_step_compiles_once_and_equals_generate_alone():
     """Scheduler(compile=True): a batch of aligned rows (three equal prompts), then rows joining and leaving at
     different lengths (and a single row left, which runs eagerly) are served by the one graph `warm_up` compiled;
-    every request's greedy tokens equal `generate` alone."""
+    every request's greedy tokens equal `generate` alone. Two rows run past the cache's first 256 slots, where its
+    keys are reallocated."""
     from torch._dynamo.utils import counters
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained("default:glm"), AutoTokenizer.from_pretrained("default:glm")
-    requests = [(tokenizer(p).input_ids, SamplingParams(max_tokens=4 + 7 * i, temperature=0.0, ignore_eos=True))
+    requests = [(tokenizer(p).input_ids, SamplingParams(max_tokens=260 if i < 2 else 4 + 7 * i, temperature=0.0,
+                                                        ignore_eos=True))
                 for i, p in enumerate(PROMPTS[1:2] * 3 + PROMPTS[2:])]  # fmt: skip
     collect = Collector(len(requests))
     scheduler = Scheduler(model, tokenizer, max_num_seqs=3, compile=True)

@@ -336,7 +336,7 @@ class Scheduler:
         if self._compiled is not None and tokens.shape[0] > 1:
             # per-row writes and a mask even for aligned rows without padding (always safe): one graph serves all
             batch.uniform = batch.all_valid = False
-            batch.reserve(1)
+            batch.reserve(2)  # a free slot beyond this step's: slicing the keys never takes all of them (a recompile)
             try:
                 with self._compile_settings():
                     return self._compiled(self.model, batch, tokens)
