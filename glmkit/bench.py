@@ -57,6 +57,7 @@ it an unpacked llama_cpp_python-* folder in the working directory is used.)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import json
 import os
@@ -333,9 +334,8 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, bw: 
     impls["glmkit static"] = generate_impl(ours, pad, cache_implementation="static")
     if args.compile:
         impls["glmkit compiled"] = generate_impl(ours, pad, compile=compile_arg(args))
-    llama = llama_impl(ours, args, device) if family == "glm" and args.llama_cpp != "off" else None
-    if llama is not None:
-        impls["llama.cpp f32"] = llama
+    if family == "glm" and args.llama_cpp != "off":
+        impls.update(llama_impls(ours, args, device))
     # eager rows first, then the compiled ones (against the reference again): a timeout during a long
     # compile (gpu.sh) still leaves the first group's figures
     eager = {name: impl for name, impl in impls.items() if "compiled" not in name}
@@ -416,46 +416,69 @@ def convert_to_gguf(model: Any, converter: Path, out_dir: str, context: int) -> 
     return gguf
 
 
-def llama_impl(model: Any, args: argparse.Namespace, device: torch.device) -> Impl | None:
-    """llama.cpp on the same weights (GGUF f32), greedy, batch 1, at the benchmark's thread count; None
-    (with a line saying why) when llama-cpp-python or its converter is missing or the conversion fails."""
+# llama.cpp's file types for `llama_model_quantize` (include/llama.h: LLAMA_FTYPE_MOSTLY_*)
+LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2}
+
+
+def llama_impls(model: Any, args: argparse.Namespace, device: torch.device, quants: tuple[str, ...] = ("f32",)
+                ) -> dict[str, Impl]:  # fmt: skip
+    """llama.cpp on the same weights, greedy, batch 1, at the benchmark's thread count: the weights converted to
+    GGUF f32 once, then quantized by llama.cpp itself to each of `quants` ("f32", "q8_0", "q4_0"; its defaults,
+    so q8_0 / q4_0 quantize the output matrix too). Named "llama.cpp <quant>"; empty (with a line saying why)
+    when llama-cpp-python or its converter is missing or a step fails."""
     if device.type != "cpu" or model.dtype != torch.float32:
-        return None
+        return {}
     try:
         import llama_cpp
     except ImportError:
         if args.llama_cpp == "on":
             raise
         print("# llama.cpp: not installed (optional: see `python -m glmkit.bench --help`)")
-        return None
+        return {}
     converter = find_gguf_converter(args.llama_cpp_src)
     if converter is None:
         print("# llama.cpp: convert_hf_to_gguf.py not found: pass --llama-cpp-src (the unpacked sdist)")
-        return None
+        return {}
     context = args.prompt + args.new + 8
+    threads = torch.get_num_threads()
     tmp = tempfile.mkdtemp(prefix="glmkit-gguf-")
+    impls = {}
     try:
-        gguf = convert_to_gguf(model, converter, tmp, context)
-        llm = llama_cpp.Llama(str(gguf), n_ctx=context, n_batch=max(args.prompt, 8), n_threads=torch.get_num_threads(),
-                              n_threads_batch=torch.get_num_threads(), verbose=False)  # fmt: skip
+        f32 = convert_to_gguf(model, converter, tmp, context)
+        for quant in quants:
+            path = f32
+            if quant != "f32":
+                path = f32.with_name(f"model-{quant}.gguf")
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype, params.nthread = LLAMA_FTYPES[quant], threads
+                if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+                    raise RuntimeError(f"llama_model_quantize to {quant} failed")
+            llm = llama_cpp.Llama(str(path), n_ctx=context, n_batch=max(args.prompt, 8), n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)  # fmt: skip
+            impls[f"llama.cpp {quant}"] = _llama_run(llm)
     except Exception as err:  # noqa: BLE001 - an optional comparison must not stop the benchmark
         print(f"# llama.cpp: skipped: {type(err).__name__}: {err}")
-        return None
+        return {}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # llama.cpp has read (or mapped) the file by now
-    print(f"# llama.cpp {llama_cpp.__version__} ({converter}), GGUF f32, {torch.get_num_threads()} threads")
+        shutil.rmtree(tmp, ignore_errors=True)  # llama.cpp has read (or mapped) the files by now
+    print(f"# llama.cpp {llama_cpp.__version__} ({converter}), GGUF {' / '.join(quants)}, {threads} threads")
+    return impls
+
+
+def _llama_run(llm: Any) -> Impl:
+    import numpy as np
+    from llama_cpp import llama_get_logits_ith
+
     vocab = llm.n_vocab()
 
     def run(ids: torch.Tensor, n: int) -> torch.Tensor:
         if ids.shape[0] != 1:
             raise ValueError("the llama.cpp side runs batch 1 only")
-        import numpy as np
-
         llm.reset()
         llm.eval(ids[0].tolist())
         out: list[int] = []
         for _ in range(n):  # greedy on the last position's logits (what llama_decode computed)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            logits = np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
             out.append(int(logits.argmax()))
             if len(out) < n:
                 llm.eval([out[-1]])
