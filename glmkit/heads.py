@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .generation import GenerationConfig, GenerationMixin
+from .layers import Linear
 from .modeling import PreTrainedModel, check_id_tensor, check_token_ids
 from .outputs import (
     CausalLMOutputWithPast,
@@ -90,7 +91,7 @@ class ForCausalLM(GenerationMixin, PrepareInputsMixin, _HeadModel):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 

@@ -1,4 +1,4 @@
-"""Shared primitives: norms, activations, rotary embeddings, attention core and masks.
+"""Shared primitives: linears, norms, activations, rotary embeddings, attention core and masks.
 
 Blocks (residual order, which norm goes where) stay in each family's file; only the pieces that are
 truly the same math live here, each with explicit arguments.
@@ -22,6 +22,40 @@ from .attn_backends import (
     flash_attention,
     flex_attention,
 )
+
+# Weights at least this large (1 MB of fp32) go to oneDNN: below it, its ~14 us more per call costs more than it saves.
+ONEDNN_MIN_WEIGHT = 1 << 18
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("glmkit::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T + bias on oneDNN's matmul, as an op torch.compile leaves opaque (inductor's own lowering of
+    `mkldnn._linear_pointwise` asserts on a weight it has not packed itself). No autograd."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose fp32 CPU inference runs on oneDNN's matmul (the kernel inductor's CPU freezing calls), on
+    the plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the
+    default MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is
+    ~1.5x faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else
+    (autograd, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` disabled) is `F.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN
+                and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous() and torch.backends.mkldnn.enabled
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):  # fmt: skip
+            if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
+                return F.linear(x, w, self.bias) if torch._inductor.config.freezing else onednn_linear(x, w, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")  # the op alone: ~17 us less
+        return F.linear(x, w, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .layers import Linear
 from .quant import Int4Linear, Int8Linear
 
 CONFIG_FILE = "adapter_config.json"
@@ -142,12 +143,12 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the adapter folded in (a quantized base is dequantized first)."""
+        """A plain linear (glmkit's `Linear`) with the adapter folded in (a quantized base is dequantized first)."""
         base = self.base_layer
         float_weight = base.weight if isinstance(base, nn.Linear) else base.dequantized_weight()
         dtype = self.lora_A.weight.dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, dtype=dtype,
-                           device=self.lora_A.weight.device)  # fmt: skip
+        linear = Linear(self.in_features, self.out_features, bias=base.bias is not None, dtype=dtype,
+                        device=self.lora_A.weight.device)  # fmt: skip
         with torch.no_grad():
             linear.weight.copy_(float_weight.to(dtype) + self.delta_weight())
             if base.bias is not None:

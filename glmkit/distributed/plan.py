@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import Linear
 from .layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 
 Ranges = tuple[tuple[int, int], ...]  # index ranges of the whole tensor, concatenated along one dim
@@ -85,7 +86,7 @@ class Planner:
         if old.bias is not None:
             self._record(parent, child, "bias", 0, old.out_features, ranges)
         with torch.device("meta"):
-            setattr(parent, child, nn.Linear(old.in_features, rows, bias=old.bias is not None))
+            setattr(parent, child, Linear(old.in_features, rows, bias=old.bias is not None))
 
     def row(self, parent: nn.Module, child: str, ranges: Callable[[int], Ranges]) -> None:
         """Input columns `ranges` of a linear: partial outputs summed over ranks, the bias whole."""

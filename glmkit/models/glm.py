@@ -17,7 +17,7 @@ from ..cache import Cache
 from ..checkpoint import CheckpointError, WeightReader
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..layers import RMSNorm, RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
+from ..layers import Linear, RMSNorm, RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
 from ..modeling import DecoderModel, run_layers
 
 
@@ -100,8 +100,8 @@ class GlmConfig(PretrainedConfig):
 class GlmMLP(nn.Module):
     def __init__(self, config: GlmConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.activation_fn = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,10 +116,10 @@ class GlmAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         C, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=config.attention_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.q_proj = Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = Linear(C, Hkv * D, bias=config.attention_bias)
+        self.v_proj = Linear(C, Hkv * D, bias=config.attention_bias)
+        self.o_proj = Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, rot: Rotation, mask: torch.Tensor | None, cache: Cache | None,
                 output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip

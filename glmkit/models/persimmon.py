@@ -20,7 +20,7 @@ from torch import nn
 from ..cache import Cache
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..layers import RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
+from ..layers import Linear, RotaryEmbedding, Rotation, apply_rotary, attention, get_activation
 from ..modeling import DecoderModel, run_layers
 
 
@@ -114,8 +114,8 @@ def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
 class PersimmonMLP(nn.Module):
     def __init__(self, config: PersimmonConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +129,8 @@ class PersimmonAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
         C = config.hidden_size
-        self.query_key_value = nn.Linear(C, 3 * C)
-        self.dense = nn.Linear(C, C)
+        self.query_key_value = Linear(C, 3 * C)
+        self.dense = Linear(C, C)
         self.qk_layernorm = config.qk_layernorm
         if self.qk_layernorm:  # one LayerNorm shared by all heads, over each head's D channels
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)

@@ -18,7 +18,7 @@ from torch import nn
 from ..cache import Cache, KVCache
 from ..config import ConfigError, PretrainedConfig
 from ..heads import ForCausalLM
-from ..layers import attention, build_attention_mask, get_activation
+from ..layers import Linear, attention, build_attention_mask, get_activation
 from ..modeling import DecoderModel, PreTrainedModel, run_layers
 from ..outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
@@ -176,10 +176,10 @@ class XGLMAttention(nn.Module):
         self.num_heads = config.attention_heads
         self.head_dim = config.d_model // config.attention_heads
         C = config.d_model
-        self.k_proj = nn.Linear(C, C)
-        self.v_proj = nn.Linear(C, C)
-        self.q_proj = nn.Linear(C, C)
-        self.out_proj = nn.Linear(C, C)
+        self.k_proj = Linear(C, C)
+        self.v_proj = Linear(C, C)
+        self.q_proj = Linear(C, C)
+        self.out_proj = Linear(C, C)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -232,8 +232,8 @@ class XGLMDecoderLayer(nn.Module):
             self.encoder_attn = XGLMAttention(config, layer_idx)
             self.encoder_attn_layer_norm = nn.LayerNorm(C)
         self.self_attn_layer_norm = nn.LayerNorm(C)
-        self.fc1 = nn.Linear(C, config.ffn_dim)
-        self.fc2 = nn.Linear(config.ffn_dim, C)
+        self.fc1 = Linear(C, config.ffn_dim)
+        self.fc2 = Linear(config.ffn_dim, C)
         self.final_layer_norm = nn.LayerNorm(C)
 
     def forward(self, x, mask, cache, enc: EncoderInputs | None = None, output_attentions=False):

@@ -17,6 +17,7 @@ import torch
 from glmkit import AutoModelForCausalLM, AutoTokenizer
 from glmkit.bundled import path as bundled_path
 from glmkit.checkpoint import CheckpointError
+from glmkit.layers import Linear
 from glmkit.models.glm import GlmForCausalLM
 from glmkit.quant import Int4Linear, Int8Linear
 from glmkit.quant.gguf import GGUFCheckpoint, dequantized, int4_blocks
@@ -104,8 +105,8 @@ def test_glm_gguf_gives_the_checkpoint_logits(reference, tmp_path, qtype, fused_
     assert_close(actual, expected, rtol=rtol, what=f"{qtype.name} logits")
     if qtype == T.F32:  # the file is the checkpoint: its own logits
         assert_close(actual, reference(IDS).logits, rtol=1e-5, what="F32 logits vs the source checkpoint")
-    linears = {type(m) for m in ours.model.layers.modules()} & {Int4Linear, torch.nn.Linear}
-    assert linears == ({Int4Linear} if qtype.name.startswith("Q4") else {torch.nn.Linear})
+    linears = {type(m) for m in ours.model.layers.modules()} & {Int4Linear, Linear}
+    assert linears == ({Int4Linear} if qtype.name.startswith("Q4") else {Linear})
 
 
 def q4_k_m(name: str):
@@ -120,7 +121,7 @@ def test_q4_k_m_mix_gives_the_file_logits(tmp_path):
     path = write_glm_gguf(ref, tmp_path / "glm.Q4_K_M.gguf", q4_k_m)
     ours = AutoModelForCausalLM.from_pretrained(path)
     attn = ours.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, Int4Linear) and type(attn.v_proj) is torch.nn.Linear
+    assert isinstance(attn.q_proj, Int4Linear) and type(attn.v_proj) is Linear
     with torch.no_grad():
         assert_close(ours(IDS).logits, reference_with_file_weights(ref, path)(IDS).logits, rtol=1e-5, what="Q4_K_M")
 

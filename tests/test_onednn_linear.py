@@ -1,0 +1,73 @@
+"""`glmkit.layers.Linear`: fp32 CPU inference on oneDNN's matmul, everything else on `F.linear`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_DECODERS, assert_close, reference_and_ours
+from torch.profiler import ProfilerActivity, profile
+
+from glmkit import layers
+
+pytestmark = pytest.mark.skipif(not layers._ONEDNN, reason="this torch build has no oneDNN matmul")
+
+
+def ran_onednn(fn) -> tuple[torch.Tensor, bool]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any("_linear_pointwise" in e.key for e in prof.key_averages())
+
+
+def big_linear(bias: bool = True) -> layers.Linear:
+    torch.manual_seed(0)
+    return layers.Linear(1024, layers.ONEDNN_MIN_WEIGHT // 1024, bias=bias)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (3, 1024), (2, 5, 1024)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_runs_on_onednn_and_equals_f_linear(shape, bias):
+    linear, x = big_linear(bias), torch.randn(shape)
+    with torch.no_grad():
+        got, onednn = ran_onednn(lambda: linear(x))
+        want = F.linear(x, linear.weight, linear.bias)
+    assert onednn
+    assert_close(got, want, rtol=1e-5, what="oneDNN linear")
+
+
+def test_autograd_small_weights_and_other_dtypes_stay_on_f_linear():
+    linear, x = big_linear(), torch.randn(2, 1024, requires_grad=True)
+    out, onednn = ran_onednn(lambda: linear(x))  # grad mode, parameters that want gradients
+    assert not onednn
+    out.sum().backward()
+    assert linear.weight.grad is not None
+    assert_close(x.grad, linear.weight.detach().sum(0).expand(2, -1), rtol=1e-5, what="input gradient")
+    small = layers.Linear(64, 64)
+    with torch.no_grad():
+        assert not ran_onednn(lambda: small(torch.randn(1, 64)))[1]
+        assert not ran_onednn(lambda: big_linear().to(torch.bfloat16)(torch.randn(1, 1024, dtype=torch.bfloat16)))[1]
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not ran_onednn(lambda: big_linear()(torch.randn(1, 1024)))[1]
+
+
+def test_compiled_without_graph_breaks_equals_eager():
+    linear, x = big_linear(), torch.randn(4, 1024)
+    compiled = torch.compile(linear, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        assert_close(compiled(x), linear(x), rtol=1e-5, what="compiled oneDNN linear")
+
+
+@pytest.mark.parametrize("family", list(TINY_DECODERS))
+def test_families_on_onednn_match_the_reference(family, tmp_path, monkeypatch):
+    """Every linear of the tiny decoders through oneDNN (threshold lowered): logits within 1e-4 of the
+    reference's and the same greedy tokens, batched with left padding."""
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHT", 0)
+    ref, ours = reference_and_ours(family, tmp_path)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        logits, onednn = ran_onednn(lambda: ours(ids, attention_mask=mask).logits)
+        assert onednn
+        assert_close(logits * mask[..., None], ref(ids, attention_mask=mask).logits * mask[..., None], rtol=1e-4,
+                     what=f"{family} logits")  # fmt: skip
+        kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kwargs), ref.generate(ids, **kwargs))
