@@ -23,8 +23,10 @@ from .attn_backends import (
     flex_attention,
 )
 
-# Weights at least this large (1 MB of fp32) go to oneDNN: below it, its ~14 us more per call costs more than it saves.
+# Weights at least this large (1 MB of fp32) go to oneDNN: below it, its ~14 us more per call costs more than it saves;
+# in a compiled graph, where the custom op's dispatch adds ~17 us more, from 4 MB.
 ONEDNN_MIN_WEIGHT = 1 << 18
+ONEDNN_MIN_WEIGHT_COMPILED = 1 << 20
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -53,7 +55,9 @@ class Linear(nn.Linear):
                 and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous() and torch.backends.mkldnn.enabled
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):  # fmt: skip
             if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
-                return F.linear(x, w, self.bias) if torch._inductor.config.freezing else onednn_linear(x, w, self.bias)
+                if torch._inductor.config.freezing or w.numel() < ONEDNN_MIN_WEIGHT_COMPILED:
+                    return F.linear(x, w, self.bias)
+                return onednn_linear(x, w, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")  # the op alone: ~17 us less
         return F.linear(x, w, self.bias)
 
