@@ -416,7 +416,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "adapters share batches)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="run the decode step under torch.compile (compiled while /health says 503; on CPU "
-                             "about 2x the tokens/s of full batches at mid shapes, for a second copy of the weights)")
+                             "it keeps a second, prepacked copy of the weights; see the README for the trade-offs)")
 
 
 def _lora_arguments(values: list[str]) -> dict[str, str]:

@@ -47,7 +47,8 @@ class Linear(nn.Linear):
     the plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the
     default MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is
     ~1.5x faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else
-    (autograd, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` disabled) is `F.linear`."""
+    (autograd, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` disabled) is `F.linear`; so is
+    a compiled graph's linear under 4 MB or under inductor freezing (which packs the weight for oneDNN itself)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

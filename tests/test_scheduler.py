@@ -50,8 +50,11 @@ class Collector:
 
 def run(model, tokenizer, requests, **scheduler_kwargs) -> Collector:
     """requests: (prompt ids, SamplingParams); returns the collector after all finished."""
+    return serve(Scheduler(model, tokenizer, **scheduler_kwargs), requests)
+
+
+def serve(scheduler: Scheduler, requests) -> Collector:
     collect = Collector(len(requests))
-    scheduler = Scheduler(model, tokenizer, **scheduler_kwargs)
     scheduler.start()
     try:
         for i, (ids, params) in enumerate(requests):
@@ -310,18 +313,11 @@ def test_a_compiled_decode_step_compiles_once_and_equals_generate_alone():
     requests = [(tokenizer(p).input_ids, SamplingParams(max_tokens=260 if i < 2 else 4 + 7 * i, temperature=0.0,
                                                         ignore_eos=True))
                 for i, p in enumerate(PROMPTS[1:2] * 3 + PROMPTS[2:])]  # fmt: skip
-    collect = Collector(len(requests))
     scheduler = Scheduler(model, tokenizer, max_num_seqs=3, compile=True)
     graphs = counters["stats"]["unique_graphs"]
     scheduler.warm_up()
     assert counters["stats"]["unique_graphs"] == graphs + 1
-    scheduler.start()
-    try:
-        for i, (ids, params) in enumerate(requests):
-            scheduler.submit(Request(ids, params, collect, request_id=str(i)))
-        collect.wait()
-    finally:
-        scheduler.stop()
+    collect = serve(scheduler, requests)
     assert counters["stats"]["unique_graphs"] == graphs + 1, "the server's step was compiled again"
     for i, (ids, params) in enumerate(requests):
         want = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens, eos_token_id=None)
