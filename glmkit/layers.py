@@ -47,14 +47,15 @@ class Linear(nn.Linear):
     the plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the
     default MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is
     ~1.5x faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else
-    (autograd, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` disabled) is `F.linear`; so is
+    (autograd, autocast, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` off) is `F.linear`; so is
     a compiled graph's linear under 4 MB or under inductor freezing (which packs the weight for oneDNN itself)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN
-                and w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous() and torch.backends.mkldnn.enabled
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):  # fmt: skip
+        if (w.numel() >= ONEDNN_MIN_WEIGHT and x.dtype == torch.float32 and w.dtype == torch.float32 and _ONEDNN
+                and x.device.type == "cpu" and w.is_contiguous() and torch.backends.mkldnn.enabled
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                and not torch.is_autocast_enabled("cpu")):  # fmt: skip
             if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
                 if torch._inductor.config.freezing or w.numel() < ONEDNN_MIN_WEIGHT_COMPILED:
                     return F.linear(x, w, self.bias)

@@ -33,7 +33,7 @@ def test_inference_runs_on_onednn_and_equals_f_linear(shape, bias):
     assert_close(got, want, rtol=1e-5, what="oneDNN linear")
 
 
-def test_autograd_small_weights_and_other_dtypes_stay_on_f_linear():
+def test_autograd_autocast_small_weights_and_other_dtypes_stay_on_f_linear():
     linear, x = big_linear(), torch.randn(2, 1024, requires_grad=True)
     out, onednn = ran_onednn(lambda: linear(x))  # grad mode, parameters that want gradients
     assert not onednn
@@ -46,6 +46,9 @@ def test_autograd_small_weights_and_other_dtypes_stay_on_f_linear():
         assert not ran_onednn(lambda: big_linear().to(torch.bfloat16)(torch.randn(1, 1024, dtype=torch.bfloat16)))[1]
         with torch.backends.mkldnn.flags(enabled=False):
             assert not ran_onednn(lambda: big_linear()(torch.randn(1, 1024)))[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype, as F.linear gives
+            out, onednn = ran_onednn(lambda: big_linear()(torch.randn(1, 1024)))
+        assert out.dtype == torch.bfloat16 and not onednn
 
 
 def test_compiled_without_graph_breaks_equals_eager():
