@@ -42,26 +42,30 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, but fp32 CPU inference runs on oneDNN's matmul (the kernel inductor's CPU freezing calls), on the
+    plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the default
+    MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is ~1.5x
+    faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else (autograd,
+    autocast, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` off) is `F.linear`; so is a
+    compiled graph's linear under 4 MB or under inductor freezing (which packs the weight for oneDNN itself)."""
+    if (weight.numel() >= ONEDNN_MIN_WEIGHT and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and _ONEDNN and x.device.type == "cpu" and weight.is_contiguous() and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and not torch.is_autocast_enabled("cpu")):  # fmt: skip
+        if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
+            if torch._inductor.config.freezing or weight.numel() < ONEDNN_MIN_WEIGHT_COMPILED:
+                return F.linear(x, weight, bias)
+            return onednn_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # the op alone: ~17 us less
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` whose fp32 CPU inference runs on oneDNN's matmul (the kernel inductor's CPU freezing calls), on
-    the plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the
-    default MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is
-    ~1.5x faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else
-    (autograd, autocast, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` off) is `F.linear`; so is
-    a compiled graph's linear under 4 MB or under inductor freezing (which packs the weight for oneDNN itself)."""
+    """`nn.Linear` computed by `linear` (oneDNN for fp32 CPU inference on weights of 1 MB or more)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (w.numel() >= ONEDNN_MIN_WEIGHT and x.dtype == torch.float32 and w.dtype == torch.float32 and _ONEDNN
-                and x.device.type == "cpu" and w.is_contiguous() and torch.backends.mkldnn.enabled
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                and not torch.is_autocast_enabled("cpu")):  # fmt: skip
-            if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
-                if torch._inductor.config.freezing or w.numel() < ONEDNN_MIN_WEIGHT_COMPILED:
-                    return F.linear(x, w, self.bias)
-                return onednn_linear(x, w, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")  # the op alone: ~17 us less
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -1,8 +1,9 @@
 """Tensor-parallel modules swapped in for nn.Linear / nn.Embedding (gpt-fast tp.py style).
 
-Column-parallel linears need no module of their own: a plain nn.Linear holding its rows of the weight
-gives this rank's slice of the output. The modules here are the ones that talk to the other ranks:
-their collectives are torch's functional ones, so torch.compile traces them into the graph.
+Column-parallel linears need no module of their own: a plain `layers.Linear` holding its rows of the weight
+gives this rank's slice of the output. The modules here are the ones that talk to the other ranks: their
+matmuls go through `layers.linear` like every other linear, their collectives are torch's functional ones,
+so torch.compile traces them into the graph.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers import linear
 
 
 def _waited(t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +40,7 @@ class RowParallelLinear(nn.Linear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight), self.group)
+        out = all_reduce(linear(x, self.weight), self.group)
         return out + self.bias if self.bias is not None else out
 
 
@@ -71,4 +74,4 @@ class VocabParallelLMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_last(F.linear(x, self.weight), self.group)[..., : self.out_features]
+        return all_gather_last(linear(x, self.weight), self.group)[..., : self.out_features]
