@@ -196,7 +196,8 @@ class Rotation:
     """RoPE tables for one forward pass, over whole heads (B, 1, T, ·): channels past the rotary ones get
     cos 1 / sin 0, which leaves them exactly as they are, so no slicing and re-joining per call.
 
-    interleaved=True pairs channels (0,1), (2,3), … (GLM): in fp32 one complex multiply. False pairs i
+    interleaved=True pairs channels (0,1), (2,3), … (GLM): in eager fp32 one complex multiply (under
+    torch.compile real arithmetic, which inductor fuses: complex ops fall back to ATen calls). False pairs i
     with i + dim/2 (Llama, Persimmon): x * [cos, cos] + [x2, x1] * [-sin, sin]. Mixing the two up gives
     fluent garbage, not an error.
     """
@@ -208,7 +209,7 @@ class Rotation:
         if interleaved:
             pad = head_dim // 2 - self.half
             cos, sin = F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=0.0)  # (B, 1, T, D/2)
-            if cos.dtype == torch.float32:
+            if cos.dtype == torch.float32 and not torch.compiler.is_compiling():
                 self.cis = torch.complex(cos, sin)
             else:  # no complex bf16 / fp16 math: the pairs are rotated in the model's dtype, as the reference
                 self.cis, self.cos, self.sin = None, cos, sin

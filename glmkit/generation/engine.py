@@ -191,6 +191,7 @@ class Decoder:
             self.compiled = compiled_step(model, self._compile_options)
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
+        self._compiled_shapes: set[torch.Size] = set()  # token shapes this decoder's compiled step has run
 
     def prefill(self, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt (B, P), or its embeddings (B, P, C), through the model in chunks of PREFILL_CHUNK
@@ -213,8 +214,12 @@ class Decoder:
             if not self._prepared:
                 self._prepare_for_compile()
             try:
-                with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                if tokens.shape in self._compiled_shapes:  # compiled already: patching the limit costs ~25 us
                     logits = self.compiled(self.model, self.cache, tokens)
+                else:
+                    with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                        logits = self.compiled(self.model, self.cache, tokens)
+                    self._compiled_shapes.add(tokens.shape)
                 return logits.clone() if self.on_gpu else logits  # CUDA graph outputs are overwritten
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly", stacklevel=2)
