@@ -23,10 +23,10 @@ from .attn_backends import (
     flex_attention,
 )
 
-# Weights at least this large (1 MB of fp32) go to oneDNN: below it, its ~14 us more per call costs more than it saves;
-# in a compiled graph, where the custom op's dispatch adds ~17 us more, from 4 MB.
-ONEDNN_MIN_WEIGHT = 1 << 18
-ONEDNN_MIN_WEIGHT_COMPILED = 1 << 20
+# Weights at least this large (4 MB of fp32) go to oneDNN. Smaller ones sit in the CPU caches between tokens, where
+# MKL's GEMV is as fast or faster and oneDNN costs ~15 us more per call (measured eagerly at 1-2 MB: MKL 31-58 us,
+# oneDNN 46-62 us; at 4 MB oneDNN 67-71 us, MKL 90-112 us); in a compiled graph the custom op's dispatch adds ~17 us.
+ONEDNN_MIN_WEIGHT = 1 << 20
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -47,14 +47,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     plain weight: no copy, no packing. At batch-1 decode it streams the weight at 2-2.5x the speed of the default
     MKL GEMV (mid-size shapes on an AMD EPYC: 31-44 GB/s against 16-17; a plain sum reads 34), and it is ~1.5x
     faster at M = 8-128 too; the result differs from `F.linear` by summation order only. Anything else (autograd,
-    autocast, other dtypes or devices, weights under 1 MB, `torch.backends.mkldnn` off) is `F.linear`; so is a
-    compiled graph's linear under 4 MB or under inductor freezing (which packs the weight for oneDNN itself)."""
+    autocast, other dtypes or devices, weights under 4 MB, `torch.backends.mkldnn` off) is `F.linear`; so is a
+    compiled graph's linear under inductor freezing (which packs the weight for oneDNN itself)."""
     if (weight.numel() >= ONEDNN_MIN_WEIGHT and x.dtype == torch.float32 and weight.dtype == torch.float32
             and _ONEDNN and x.device.type == "cpu" and weight.is_contiguous() and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and not torch.is_autocast_enabled("cpu")):  # fmt: skip
         if torch.compiler.is_compiling():  # with freezing, inductor packs F.linear's weight for oneDNN itself
-            if torch._inductor.config.freezing or weight.numel() < ONEDNN_MIN_WEIGHT_COMPILED:
+            if torch._inductor.config.freezing:
                 return F.linear(x, weight, bias)
             return onednn_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # the op alone: ~17 us less
@@ -62,7 +62,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` computed by `linear` (oneDNN for fp32 CPU inference on weights of 1 MB or more)."""
+    """`nn.Linear` computed by `linear` (oneDNN for fp32 CPU inference on weights of 4 MB or more)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

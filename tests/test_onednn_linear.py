@@ -55,7 +55,7 @@ def test_compiled_without_graph_breaks_equals_eager():
     """Large weights reach oneDNN through the custom op inside the graph; small ones are inductor's own matmul."""
     torch.manual_seed(0)
     x = torch.randn(4, 1024)
-    for rows, expect_onednn in ((layers.ONEDNN_MIN_WEIGHT_COMPILED // 1024, True), (256, False)):
+    for rows, expect_onednn in ((layers.ONEDNN_MIN_WEIGHT // 1024, True), (256, False)):
         linear = layers.Linear(1024, rows)
         compiled = torch.compile(linear, fullgraph=True)
         with torch.no_grad():
