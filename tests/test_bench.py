@@ -76,3 +76,8 @@ def test_gpu_script_dry_run(tmp_path):
     assert out.count("glmkit compiled") >= 5
     assert "skipped" in out  # the CUDA tests were collected (and skip without CUDA)
     assert list(tmp_path.glob("gpu-bench-*.log"))
+
+
+def test_bigram_continuations_tell_copying_the_prompt_from_repeating_itself():
+    assert bench.bigram_continuations([1, 2, 3, 1], [2, 3, 5, 2, 3]) == (3 / 5, 3 / 5)  # (1,2) (2,3) (2,3)
+    assert bench.bigram_continuations([1, 2, 3, 1], [7, 8, 7, 8]) == (0.0, 1 / 4)  # only its own (7, 8) again
