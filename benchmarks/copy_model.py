@@ -2,16 +2,19 @@
 
 The bundled models were trained on 128-token blocks and repeat only 1-4 % of a 500-token passage, so prompt
 lookup on them measures the engine's overhead, not the case it is for. Fine-tuning the bundled GLM on
-`passage + passage` did not make it copy (RESULTS.md, session 10); this does, in two stages on 2 CPU cores:
+`passage + passage` did not make it copy (RESULTS.md, session 10); this does, in ~36 minutes on 2 CPU cores
+(the runs RESULTS.md measured):
 
     python benchmarks/copy_model.py --out /tmp/glm-copy-short --minutes 12
-    python benchmarks/copy_model.py --out /tmp/glm-copy --init /tmp/glm-copy-short --minutes 9 \\
+    python benchmarks/copy_model.py --out /tmp/glm-copy-long --init /tmp/glm-copy-short --minutes 9 \\
+        --min-len 128 --max-len 520 --batch 4 --lr 5e-4
+    python benchmarks/copy_model.py --out /tmp/glm-copy --init /tmp/glm-copy-long --minutes 15 \\
         --min-len 128 --max-len 520 --batch 4 --lr 5e-4
     glmkit bench --lookup --model /tmp/glm-copy
 
-Stage 1 trains the bundled GLM's shape with 2 layers from scratch on random ids repeated twice (8-96 ids): the
+The first run trains the bundled GLM's shape with 2 layers from scratch on random ids repeated twice (8-96 ids): the
 loss sits at ln(vocab) for ~2,500 steps, then an induction circuit forms and the second copy costs ~nothing.
-Stage 2 stretches it to 128-520-token passages, half of them Tiny Shakespeare after its first 10 % (natural
+Then it is stretched to 128-520-token passages, half of them Tiny Shakespeare after its first 10 % (natural
 text repeats short n-grams, which random ids never taught it to look past); the bench's passage is the start
 of the text, held out. It prints how much of that passage greedy decoding repeats as it goes.
 """

@@ -9,8 +9,8 @@ read per second of each next to a plain `torch.sum` over the same weights (the r
 
 Paths: `F.linear` (MKL), oneDNN's matmul on the plain weight (`glmkit.layers.linear`) and on its own blocked
 layout, MKL's packed GEMM (what inductor's freezing picks for fp32), `torch.mv`, and the chain of linears under
-torch.compile (inductor). The packed layouts keep a second copy of the weights. The tokens/s a model could reach if its linears were the only
-cost is printed beside each, which bounds the default decode path from above.
+torch.compile (inductor). The packed layouts keep a second copy of the weights. The tokens/s a model could reach
+if its linears were the only cost is printed beside each, which bounds the default decode path from above.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def main() -> None:
         "F.linear (MKL)": chain(F.linear),
         "oneDNN, plain weight": chain(onednn),
         "oneDNN, packed weight": lambda: [onednn(x, w) for x, w in zip(inputs, onednn_packed)],
-        "MKL, packed weight": lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, 1)
-                                       for x, p, w in zip(inputs, mkl_packed, weights)],
+        "MKL, packed weight": lambda: [
+            torch.ops.mkl._mkl_linear(x, p, w, None, 1) for x, p, w in zip(inputs, mkl_packed, weights)
+        ],
         "torch.mv": lambda: [torch.mv(w, v) for v, w in zip(vectors, weights)],
         "torch.compile (inductor)": lambda: compiled(inputs, weights),
     }
