@@ -314,7 +314,8 @@ class Bandwidth:
         return (f"# read bandwidth (torch.sum over {self.nbytes >> 20} MiB fp32, {where}): best "
                 f"{self.best() / 1e9:.1f} GB/s, median {statistics.median(self.seen) / 1e9:.1f} GB/s over "
                 f"{len(self.seen)} measurements ({', '.join(f'{b / 1e9:.1f}' for b in self.seen)}); "
-                "the roofline uses the best")  # fmt: skip
+                f"the roofline uses the best (at the median every roofline share would be "
+                f"x{self.best() / statistics.median(self.seen):.2f})")  # fmt: skip
 
 
 # ---- random weights ----------------------------------------------------------------------------------
