@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from typing import Any
 
 import torch
 
 from glmkit import AutoTokenizer, GlmConfig, GlmForCausalLM, bundled
-from glmkit.bench import find_text
+from glmkit.bench import find_text, verbatim_share
 
 
 def copy_batch(batch: int, lengths: tuple[int, int], vocab: int, text: torch.Tensor | None,
@@ -48,12 +47,11 @@ def copy_batch(batch: int, lengths: tuple[int, int], vocab: int, text: torch.Ten
 
 @torch.no_grad()
 def copy_share(model: GlmForCausalLM, tokenizer: Any, passage: torch.Tensor, cue: int = 8, new: int = 64) -> float:
-    """Share of the greedy text after `passage + passage[:cue]` that repeats the passage verbatim (the bench's task;
-    compared as text, as the bench does: a copy may tokenize the same characters differently)."""
+    """Share of the greedy text after `passage + passage[:cue]` that repeats the passage verbatim (the bench's task
+    and measure)."""
     prompt = torch.cat([passage, passage[:cue]])[None]
     out = model.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=None)[0, prompt.shape[1] :]
-    made, rest = tokenizer.decode(out.tolist()), tokenizer.decode(passage[cue:].tolist())
-    return len(os.path.commonprefix([made, rest])) / max(len(made), 1)
+    return verbatim_share(tokenizer, out.tolist(), passage[cue:].tolist())
 
 
 def main() -> None:

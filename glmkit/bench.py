@@ -566,6 +566,13 @@ def find_text(path: str | None) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def verbatim_share(tokenizer: Any, new: list[int], passage: list[int]) -> float:
+    """Share of the new tokens' text that repeats the passage's text from its start, compared as text: a copy may
+    split the same characters into other tokens than the passage's tokenization."""
+    made = tokenizer.decode(new)
+    return len(os.path.commonprefix([made, tokenizer.decode(passage)])) / max(len(made), 1)
+
+
 def bigram_continuations(prompt: list[int], new: list[int]) -> tuple[float, float]:
     """Shares of the new tokens whose (previous token, token) pair occurs in the prompt, and in the prompt or the
     new tokens before it: what prompt lookup can draft right (from the input, or from the model's own loops)."""
@@ -604,9 +611,7 @@ def run_lookup(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"lookup: {name}: not available ({type(err).__name__}: {str(err)[:120]})")
     results = time_impls(impls, prompt, new, args.repeats, device)
     plain = impls["glmkit"](prompt, new)[0, prompt.shape[1] :].cpu()
-    # compared as text: a copy may split the same characters into other tokens than the passage's tokenization
-    made, rest = tok.decode(plain.tolist()), tok.decode(passage[0, prefix + 8 :].tolist())
-    copied = len(os.path.commonprefix([made, rest])) / max(len(made), 1)
+    copied = verbatim_share(tok, plain.tolist(), passage[0, prefix + 8 :].tolist())
     from_prompt, from_any = bigram_continuations(prompt[0].tolist(), plain.tolist())
     print(f"lookup: {prompt.shape[1]}-token prompt ({args.passage_tokens}-token passage + its first 8 tokens), "
           f"N={new}, greedy repeats the passage verbatim for {copied:.0%} of its text; {from_prompt:.0%} of the new "

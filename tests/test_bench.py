@@ -81,3 +81,14 @@ def test_gpu_script_dry_run(tmp_path):
 def test_bigram_continuations_tell_copying_the_prompt_from_repeating_itself():
     assert bench.bigram_continuations([1, 2, 3, 1], [2, 3, 5, 2, 3]) == (3 / 5, 3 / 5)  # (1,2) (2,3) (2,3)
     assert bench.bigram_continuations([1, 2, 3, 1], [7, 8, 7, 8]) == (0.0, 1 / 4)  # only its own (7, 8) again
+
+
+def test_verbatim_share_compares_text_not_token_ids():
+    from glmkit import AutoTokenizer, bundled
+
+    tok = AutoTokenizer.from_pretrained(bundled.path("glm"))
+    passage = tok("First Citizen: speak, speak.", add_special_tokens=False)["input_ids"]
+    by_char = [i for ch in "First Citizen:" for i in tok(ch, add_special_tokens=False)["input_ids"]]
+    assert by_char != passage[: len(by_char)]  # the same text, other tokens
+    assert bench.verbatim_share(tok, by_char, passage) == 1.0
+    assert bench.verbatim_share(tok, tok("First Senator:", add_special_tokens=False)["input_ids"], passage) == 6 / 14
