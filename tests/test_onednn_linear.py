@@ -1,4 +1,5 @@
-"""`glmkit.layers.Linear`: fp32 CPU inference on oneDNN's matmul, everything else on `F.linear`."""
+"""`glmkit.layers.Linear`: fp32 CPU inference on oneDNN's matmul or, one row in a compiled graph, a multiply-reduce
+inductor fuses; everything else on `F.linear`."""
 
 import pytest
 import torch
@@ -12,9 +13,14 @@ pytestmark = pytest.mark.skipif(not layers._ONEDNN, reason="this torch build has
 
 
 def ran_onednn(fn) -> tuple[torch.Tensor, bool]:
+    out, ops = ran_ops(fn)
+    return out, any("_linear_pointwise" in op for op in ops)
+
+
+def ran_ops(fn) -> tuple[torch.Tensor, set[str]]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = fn()
-    return out, any("_linear_pointwise" in e.key for e in prof.key_averages())
+    return out, {e.key for e in prof.key_averages()}
 
 
 def big_linear(bias: bool = True) -> layers.Linear:
@@ -63,6 +69,23 @@ def test_compiled_without_graph_breaks_equals_eager():
             got, onednn = ran_onednn(lambda c=compiled: c(x))
             assert onednn == expect_onednn
             assert_close(got, linear(x), rtol=1e-5, what="compiled linear")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_one_row_is_a_fused_multiply_reduce(bias):
+    """One input row (batch-1 decode) in a compiled graph: no matmul call at all, the same result; two rows: a matmul."""
+    torch._dynamo.reset()  # Linear.forward's graphs from other tests count against dynamo's recompile limit
+    torch.manual_seed(0)
+    for rows in (layers.ONEDNN_MIN_WEIGHT // 1024, 256):
+        linear = layers.Linear(1024, rows, bias=bias)
+        compiled = torch.compile(linear, fullgraph=True)
+        with torch.no_grad():
+            for x, fused in ((torch.randn(1, 1, 1024), True), (torch.randn(2, 1, 1024), False)):
+                compiled(x)
+                got, ops = ran_ops(lambda c=compiled, x=x: c(x))
+                matmuls = {op for op in ops if op.endswith(("::mm", "::addmm", "_linear_pointwise", "::linear"))}
+                assert (not matmuls) == fused, (rows, tuple(x.shape), matmuls)
+                assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, what=f"compiled {rows} rows")
 
 
 @pytest.mark.parametrize("family", list(TINY_DECODERS))
