@@ -18,8 +18,10 @@ the minimum is the least disturbed estimate). "x ref" divides those best figures
 over repeats of the decode ratio within one repeat (robust when contention drifts during a run).
 --compile adds generate(compile=True); --ref-compile the reference's static cache with its own torch.compile
 (CompileConfig: "reduce-overhead", i.e. CUDA graphs, on GPU; not for XGLM, which the reference cannot).
-Compiled rows are timed in a second round, alternating with the reference again (their "x ref" is within
-that round), so that a timeout during a long compile still leaves the eager rows.
+Compiled rows are timed in a second round, alternating with the reference (and llama.cpp) again (their "x ref"
+is within that round), so that a timeout during a long compile still leaves the eager rows. "linears only" is
+the model's own linears alone, called back to back on one-token inputs through `glmkit.layers.linear` (eager;
+timed every repeat of the first round): the ceiling of any eager decode path built on PyTorch's GEMV kernels.
 
 Roofline: bytes one decode step reads = every weight except the input embedding table (a step gathers B
 rows of it; a tied table is read whole, as the lm_head) plus the K/V cache actually attended (P + N/2
@@ -73,6 +75,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .layers import linear
 
 FAMILIES = {  # family: (reference config, reference model, glmkit model)
     "glm": ("GlmConfig", "GlmForCausalLM", "GlmForCausalLM"),
@@ -268,6 +272,30 @@ def time_impls(impls: dict[str, Impl], ids: torch.Tensor, new: int, repeats: int
     return results
 
 
+def linears_seconds(model: Any, batch: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` decode steps' worth of the model's linears alone (its own weights, in the order a step
+    runs them, each on a fresh one-token input through `layers.linear`, back to back): what a decode path built on
+    PyTorch's matrix-vector kernels could reach if nothing else cost anything."""
+    weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], device=device, dtype=w.dtype) for w, _ in weights}
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                for weight, bias in weights:
+                    linear(inputs[weight.shape[1]], weight, bias)
+
+    return timed(run, device)
+
+
+def linears_row(family: str, batch: int, steps: int, seconds: list[float], reference: dict) -> dict:
+    """The "linears only" row: decode tok/s at the best of `seconds`, against the reference's decode."""
+    decode = batch * steps / min(seconds)
+    nan = float("nan")
+    return dict(family=family, impl="linears only", batch=batch, prefill=nan, decode=decode, paired_ratio=nan,
+                generate=nan, ratio=decode / reference["decode"], generate_ratio=nan, same=None)  # fmt: skip
+
+
 def _same(out: torch.Tensor, base: torch.Tensor) -> bool:
     """The base's tokens, and maybe more (the reference's prompt lookup can overshoot max_new_tokens)."""
     return out.shape[0] == base.shape[0] and out.shape[1] >= base.shape[1] and \
@@ -279,15 +307,20 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _cell(value: float, width: int, places: int) -> str:
+    return f"{'-':>{width}}" if value != value else f"{value:{width}.{places}f}"  # NaN: not measured / not defined
+
+
 def print_rows(rows: list[dict], header: bool = True) -> None:
     if header:
         print(f"{'family':10} {'B':>2} {'impl':18} {'prefill tok/s':>13} {'decode tok/s':>12} {'x ref':>6} "
               f"{'paired':>6} {'generate tok/s':>14} {'x ref':>6} {'roofline':>8}  tokens = ref")  # fmt: skip
     for r in rows:
         roof = f"{r['roofline']:8.0%}" if r.get("roofline") is not None else f"{'-':>8}"
-        print(f"{r['family']:10} {r['batch']:>2} {r['impl']:18} {r['prefill']:13.1f} {r['decode']:12.2f} "
-              f"{r['ratio']:6.2f} {r['paired_ratio']:6.2f} {r['generate']:14.2f} {r['generate_ratio']:6.2f} "
-              f"{roof}  {'yes' if r['same'] else 'NO'}")  # fmt: skip
+        print(f"{r['family']:10} {r['batch']:>2} {r['impl']:18} {_cell(r['prefill'], 13, 1)} {r['decode']:12.2f} "
+              f"{r['ratio']:6.2f} {_cell(r['paired_ratio'], 6, 2)} {_cell(r['generate'], 14, 2)} "
+              f"{_cell(r['generate_ratio'], 6, 2)} "
+              f"{roof}  {'-' if r['same'] is None else 'yes' if r['same'] else 'NO'}")  # fmt: skip
     sys.stdout.flush()
 
 
@@ -347,13 +380,25 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, bw: 
         ids = torch.randint(3, ours.config.vocab_size, (batch, args.prompt), device=device,
                             generator=torch.Generator(device).manual_seed(batch))  # fmt: skip
         need = step_bytes(ours, batch, args.prompt + args.new // 2)
-        groups = [eager] + ([{"reference": impls["reference"], **compiled}] if compiled else [])
+        llama = {name: impl for name, impl in eager.items() if name.startswith("llama")}  # timed again beside them
+        groups = [eager] + ([{"reference": impls["reference"], **compiled, **llama}] if compiled else [])
         for first, group in zip((True, False), groups):
             group = {name: impl for name, impl in group.items() if batch == 1 or not name.startswith("llama")}
-            results = time_impls(group, ids, args.new, args.repeats, device, bw.measure)
+            linears: list[float] = []  # timed beside the others, every repeat of the eager round
+
+            def on_repeat(linears: list[float] = linears, first: bool = first) -> None:
+                bw.measure()
+                if first:
+                    linears.append(linears_seconds(ours, batch, args.new - 1, device))
+
+            results = time_impls(group, ids, args.new, args.repeats, device, on_repeat)
             fresh = [dict(family=family, step_bytes=need, **r) for r in results.values()]
-            if not first:  # the reference's second round, shown: the compiled rows' "x ref" divides by it
-                fresh[0]["impl"] = "reference, again"
+            if first:
+                fresh.append(dict(linears_row(family, batch, args.new - 1, linears, results["reference"]),
+                                  step_bytes=need))  # fmt: skip
+            else:  # the second round: the compiled rows' "x ref" divides by the reference's time in it
+                for row in fresh:
+                    row["impl"] += "" if "compiled" in row["impl"] else ", again"
             bw.apply(fresh)
             print_rows(fresh, header=first)
             rows += fresh

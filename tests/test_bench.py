@@ -21,7 +21,7 @@ def test_random_weights_tiny_through_the_cli(capsys):
             "--ref-compile", "--llama-cpp", "off", *QUICK]  # fmt: skip
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    for impl in ("reference", "reference compiled", "glmkit", "glmkit static", "glmkit compiled"):
+    for impl in ("reference", "reference compiled", "glmkit", "glmkit static", "glmkit compiled", "linears only"):
         assert f" {impl} " in out
     assert "x ref" in out and "roofline" in out
     assert "# read bandwidth (torch.sum over" in out and "the roofline uses the best" in out
@@ -36,6 +36,17 @@ def test_engine_modes(capsys):
         assert f"glm*        1 {impl} " in out
     assert "stream per-token time ratio 8/4:" in out
     assert "lookup: prompt_lookup_num_tokens=10 vs plain greedy:" in out  # a ratio, or "not available"
+
+
+def test_linears_only_runs_every_linear_of_a_step_on_one_token(monkeypatch):
+    _, ours = bench.build_pair("xglm", bench.TINY_SHAPES["xglm"], torch.float32, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(bench, "linear", lambda x, w, b: calls.append((tuple(x.shape), w, b)))
+    assert bench.linears_seconds(ours, 2, 3, torch.device("cpu")) > 0
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert any(m is ours.lm_head for m in linears) and len(calls) == 3 * len(linears)
+    for (shape, weight, bias), module in zip(calls, linears * 3):
+        assert shape == (2, 1, module.in_features) and weight is module.weight and bias is module.bias
 
 
 def test_step_bytes_leave_out_the_embedding_table():
