@@ -386,7 +386,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, bw: 
             group = {name: impl for name, impl in group.items() if batch == 1 or not name.startswith("llama")}
             linears: list[float] = []  # timed beside the others, every repeat of the eager round
 
-            def on_repeat(linears: list[float] = linears, first: bool = first) -> None:
+            def on_repeat(linears: list[float] = linears, first: bool = first, batch: int = batch) -> None:
                 bw.measure()
                 if first:
                     linears.append(linears_seconds(ours, batch, args.new - 1, device))

@@ -73,7 +73,7 @@ def test_compiled_without_graph_breaks_equals_eager():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_compiled_one_row_is_a_fused_multiply_reduce(bias):
-    """One input row (batch-1 decode) in a compiled graph: no matmul call at all, the same result; two rows: a matmul."""
+    """One input row (batch-1 decode) in a compiled graph: no matmul call, the same result; two rows: a matmul."""
     torch._dynamo.reset()  # Linear.forward's graphs from other tests count against dynamo's recompile limit
     torch.manual_seed(0)
     for rows in (layers.ONEDNN_MIN_WEIGHT // 1024, 256):
