@@ -8,9 +8,11 @@ read per second of each next to a plain `torch.sum` over the same weights (the r
     python benchmarks/gemv.py [--threads 2] [--repeats 7]
 
 Paths: `F.linear` (MKL), oneDNN's matmul on the plain weight (`glmkit.layers.linear`) and on its own blocked
-layout, MKL's packed GEMM (what inductor's freezing picks for fp32), `torch.mv`, and the chain of linears under
-torch.compile (inductor). The packed layouts keep a second copy of the weights. The tokens/s a model could reach
-if its linears were the only cost is printed beside each, which bounds the default decode path from above.
+layout, MKL's packed GEMM (what inductor's freezing picks for fp32), `torch.mv`, the chain of linears under
+torch.compile (inductor), and `(w * x).sum(-1)` under torch.compile (what `glmkit.layers.linear` runs for one row
+in a compiled graph: inductor makes it a single vectorised pass over the weight). The packed layouts keep a second
+copy of the weights. The tokens/s a model could reach if its linears were the only cost is printed beside each,
+which bounds a decode path on that kernel from above.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def main() -> None:
     onednn_packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]  # oneDNN's blocked layout
     mkl_packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in weights]  # what inductor's freezing uses
     compiled = torch.compile(lambda xs, ws: [F.linear(x, w) for x, w in zip(xs, ws)], dynamic=False)
+    # what glmkit.layers.linear does for one row in a compiled graph: inductor fuses it into one pass over the weight
+    multiply_reduce = torch.compile(lambda xs, ws: [(w * x.unsqueeze(-2)).sum(-1) for x, w in zip(xs, ws)],
+                                    dynamic=False)  # fmt: skip
     paths = {
         "torch.sum (read roofline)": lambda: [w.sum() for w in weights],
         "F.linear (MKL)": chain(F.linear),
@@ -78,6 +83,7 @@ def main() -> None:
         ],
         "torch.mv": lambda: [torch.mv(w, v) for v, w in zip(vectors, weights)],
         "torch.compile (inductor)": lambda: compiled(inputs, weights),
+        "compiled multiply-reduce": lambda: multiply_reduce(inputs, weights),
     }
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, {len(weights)} weights, "
           f"{nbytes / 1e6:.0f} MB per token, {args.repeats} repeats")  # fmt: skip
