@@ -6,9 +6,10 @@ truly the same math live here, each with explicit arguments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,22 @@ ONEDNN_MIN_WEIGHT = 1 << 20
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_GEMV_AS_REDUCTION = False  # read while a graph is traced: see `gemv_as_reduction`
+
+
+@contextlib.contextmanager
+def gemv_as_reduction(enabled: bool = True) -> Iterator[None]:
+    """Within it, graphs traced for inductor compute one-row fp32 CPU linears as a multiply-reduce (see `linear`).
+    The decode engine holds it around its compiled step when that step's backend is inductor: under any other
+    backend the same code would materialise `weight * x`, a temporary the size of the weight."""
+    global _GEMV_AS_REDUCTION
+    before, _GEMV_AS_REDUCTION = _GEMV_AS_REDUCTION, enabled
+    try:
+        yield
+    finally:
+        _GEMV_AS_REDUCTION = before
+
+
 @torch.library.custom_op("glmkit::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ weight.T + bias on oneDNN's matmul, as an op torch.compile leaves opaque (inductor's own lowering of
@@ -45,14 +62,14 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, on faster CPU kernels for fp32 inference (the result differs from `F.linear` by summation order):
 
-    - in a compiled graph (not under inductor's freezing), one input row (batch-1 decode): `(weight * x).sum(-1)`,
-      which inductor turns into a single vectorised pass over the weight. It reads at ~95 % of a plain sum's
-      bandwidth where every library GEMV PyTorch calls reads at 50-80 % (benchmarks/gemv.py), and it fuses with the
-      bias and neighbouring ops: measured 1.8x the tokens/s of the compiled step at mid shapes, ~1.4x on the bundled
-      GLM. From two rows on, oneDNN's GEMM is faster, and the weight would be read once per row;
+    - in a graph compiled by inductor within `gemv_as_reduction` (the decode engine's compiled step), one input row
+      (batch-1 decode): `(weight * x).sum(-1)`, which inductor turns into one vectorised pass over the weight. It
+      reads at ~96 % of a plain sum's bandwidth where every library GEMV PyTorch calls reads at 40-80 %
+      (benchmarks/gemv.py), and it fuses with the bias and neighbouring ops. From two rows on, oneDNN's GEMM is
+      faster, and the weight would be read once per row;
     - weights of 4 MB or more: oneDNN's matmul (the kernel inductor's CPU freezing calls) on the plain weight, no
-      copy, no packing. At batch-1 decode it streams the weight at ~1.4x the speed of the default MKL GEMV, and it
-      is ~1.5x faster at M = 8-128 too. Under freezing, inductor packs F.linear's weight for oneDNN itself.
+      copy, no packing. At batch-1 decode it streams the weight at ~1.4-2x the speed of the default MKL GEMV, and
+      it is ~1.5x faster at M = 8-128 too. Under freezing, inductor packs F.linear's weight for oneDNN itself.
 
     Anything else (autograd, autocast, other dtypes or devices, smaller weights, `torch.backends.mkldnn` off) is
     `F.linear`."""
@@ -63,7 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():
         if torch._inductor.config.freezing:
             return F.linear(x, weight, bias)
-        if x.numel() == x.shape[-1]:
+        if _GEMV_AS_REDUCTION and x.numel() == x.shape[-1]:
             y = (weight * own_buffer(x).unsqueeze(-2)).sum(-1)
             return y if bias is None else y + bias
     if weight.numel() >= ONEDNN_MIN_WEIGHT and _ONEDNN and torch.backends.mkldnn.enabled:

@@ -274,3 +274,25 @@ def test_compiled_single_query_attention_equals_sdpa(heads, kv_heads):
     eager, _ = attention(q, k, v, mask, scale=0.25)
     compiled, _ = torch.compile(attention, backend="eager", fullgraph=True)(q, k, v, mask, scale=0.25)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_one_compiled_step_computes_its_linears_as_reductions(tmp_path):
+    """Batch 1 on CPU, inductor: the step's linears are multiply-reduces (no matmul call left in it) and greedy gives
+    the plain path's tokens; under another backend the same step keeps its matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = reference_and_ours("glm", tmp_path)[1]
+    ids, mask = prompts(1)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, compile=True),
+                       plain)  # fmt: skip
+    python_wrapper = {"dynamic": False, "options": {"cpp_wrapper": False}}  # the C++ wrapper's calls are not profiled
+    for options, reductions in ((python_wrapper, True), ({"backend": "eager"}, False)):
+        decoder = engine.Decoder(ours, 16, "compiled", options)
+        with torch.no_grad():
+            tokens = decoder.prefill(ids).argmax(-1, keepdim=True)
+            decoder.step(tokens)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                decoder.step(tokens)
+        matmuls = {e.key for e in prof.key_averages() if e.key.endswith(("::mm", "::addmm", "::linear"))}
+        assert (not matmuls) == reductions, (options, matmuls)

@@ -79,13 +79,27 @@ def test_compiled_one_row_is_a_fused_multiply_reduce(bias):
     for rows in (layers.ONEDNN_MIN_WEIGHT // 1024, 256):
         linear = layers.Linear(1024, rows, bias=bias)
         compiled = torch.compile(linear, fullgraph=True)
-        with torch.no_grad():
+        with torch.no_grad(), layers.gemv_as_reduction():
             for x, fused in ((torch.randn(1, 1, 1024), True), (torch.randn(2, 1, 1024), False)):
                 compiled(x)
                 got, ops = ran_ops(lambda c=compiled, x=x: c(x))
                 matmuls = {op for op in ops if op.endswith(("::mm", "::addmm", "_linear_pointwise", "::linear"))}
                 assert (not matmuls) == fused, (rows, tuple(x.shape), matmuls)
                 assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, what=f"compiled {rows} rows")
+
+
+def test_a_graph_compiled_outside_the_engine_keeps_its_matmul():
+    """Only the engine's inductor step asks for the multiply-reduce: a user's own torch.compile, with another
+    backend maybe, must not materialise weight * x."""
+    torch._dynamo.reset()
+    linear, x = layers.Linear(1024, 256), torch.randn(1, 1, 1024)
+    with torch.no_grad():
+        for backend in ("inductor", "eager"):
+            compiled = torch.compile(linear, fullgraph=True, backend=backend)
+            compiled(x)
+            got, ops = ran_ops(lambda c=compiled: c(x))
+            assert any(op.endswith(("::mm", "::addmm", "::linear")) for op in ops), (backend, ops)
+            assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, what=f"{backend} linear")
 
 
 @pytest.mark.parametrize("family", list(TINY_DECODERS))

@@ -22,6 +22,7 @@ import torch
 
 from ..attn_backends import FLASH, AttentionBackendError, flash_mask
 from ..cache import KVCache
+from ..layers import gemv_as_reduction
 from ..modeling import LayerTrace, check_token_ids
 from ..placement import DeviceMapError, spans_devices
 
@@ -189,6 +190,8 @@ class Decoder:
                                      "(device_map): use compile=False, or load it on one device")  # fmt: skip
             self._compile_options = compile if isinstance(compile, dict) else None
             self.compiled = compiled_step(model, self._compile_options)
+            backend = (self._compile_options or {}).get("backend", "inductor")
+            self._gemv_as_reduction = backend == "inductor"  # see layers.gemv_as_reduction
         self.on_gpu = self.compiled is not None and next(model.parameters()).device.type == "cuda"
         self._prepared = False
         self._compiled_shapes: set[torch.Size] = set()  # token shapes this decoder's compiled step has run
@@ -214,12 +217,13 @@ class Decoder:
             if not self._prepared:
                 self._prepare_for_compile()
             try:
-                if tokens.shape in self._compiled_shapes:  # compiled already: patching the limit costs ~25 us
-                    logits = self.compiled(self.model, self.cache, tokens)
-                else:
-                    with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                with gemv_as_reduction(self._gemv_as_reduction):
+                    if tokens.shape in self._compiled_shapes:  # compiled already: patching the limit costs ~25 us
                         logits = self.compiled(self.model, self.cache, tokens)
-                    self._compiled_shapes.add(tokens.shape)
+                    else:
+                        with torch._dynamo.config.patch({_LIMIT: MAX_GRAPHS}):
+                            logits = self.compiled(self.model, self.cache, tokens)
+                        self._compiled_shapes.add(tokens.shape)
                 return logits.clone() if self.on_gpu else logits  # CUDA graph outputs are overwritten
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for inductor on CPU
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); decoding eagerly", stacklevel=2)
