@@ -331,8 +331,9 @@ class Scheduler:
 
     def _decode(self, batch: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the model: compiled where asked (eagerly, with a warning, if compiling fails).
-        A single row runs eagerly: it reads every weight for one token, which a compiled graph does no faster, and a
-        graph of its own (dynamo specialises a size-1 batch) would freeze a second copy of the weights."""
+        A single row runs eagerly: a graph of its own (dynamo specialises a size-1 batch) would freeze a second copy
+        of the weights. (On CPU in fp32, `generate(compile=True)`'s step reads them 1.2-1.7x faster for one row, with
+        its multiply-reduce GEMV: `layers.gemv_as_reduction`; not used here yet.)"""
         if self._compiled is not None and tokens.shape[0] > 1:
             # per-row writes and a mask even for aligned rows without padding (always safe): one graph serves all
             batch.uniform = batch.all_valid = False
