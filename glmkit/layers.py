@@ -32,11 +32,12 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 
 _GEMV_AS_REDUCTION = False  # read while a graph is traced: see `gemv_as_reduction`
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
 def gemv_as_reduction(enabled: bool = True) -> Iterator[None]:
-    """Within it, graphs traced for inductor compute one-row fp32 CPU linears as a multiply-reduce (see `linear`).
+    """Within it, graphs traced for inductor compute one-row CPU linears as a multiply-reduce (see `linear`).
     The decode engine holds it around its compiled step when that step's backend is inductor: under any other
     backend the same code would materialise `weight * x`, a temporary the size of the weight."""
     global _GEMV_AS_REDUCTION
@@ -60,30 +61,31 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, on faster CPU kernels for fp32 inference (the result differs from `F.linear` by summation order):
+    """`F.linear`, on faster CPU kernels for inference (the result differs from `F.linear` by summation order):
 
     - in a graph compiled by inductor within `gemv_as_reduction` (the decode engine's compiled step), one input row
       (batch-1 decode): `(weight * x).sum(-1)`, which inductor turns into one vectorised pass over the weight. It
       reads at ~96 % of a plain sum's bandwidth where every library GEMV PyTorch calls reads at 40-80 %
-      (benchmarks/gemv.py), and it fuses with the bias and neighbouring ops. From two rows on, oneDNN's GEMM is
+      (benchmarks/gemv.py; in bf16 ~1.8x `F.linear`'s speed), and it fuses with the bias and neighbouring ops.
+      Products and sum are fp32 and rounded once, as a bf16 / fp16 GEMM's are. From two rows on, oneDNN's GEMM is
       faster, and the weight would be read once per row;
     - weights of 4 MB or more: oneDNN's matmul (the kernel inductor's CPU freezing calls) on the plain weight, no
       copy, no packing. At batch-1 decode it streams the weight at ~1.4-2x the speed of the default MKL GEMV, and
       it is ~1.5x faster at M = 8-128 too. Under freezing, inductor packs F.linear's weight for oneDNN itself.
 
-    Anything else (autograd, autocast, other dtypes or devices, smaller weights, `torch.backends.mkldnn` off) is
-    `F.linear`."""
-    if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.is_contiguous() and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    Anything else (autograd, autocast, other devices, mixed dtypes, smaller weights or bf16 / fp16 weights outside a
+    compiled one-row step, `torch.backends.mkldnn` off) is `F.linear`."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _FLOATS and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and not torch.is_autocast_enabled("cpu")):  # fmt: skip
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         if torch._inductor.config.freezing:
             return F.linear(x, weight, bias)
-        if _GEMV_AS_REDUCTION and x.numel() == x.shape[-1]:
-            y = (weight * own_buffer(x).unsqueeze(-2)).sum(-1)
-            return y if bias is None else y + bias
-    if weight.numel() >= ONEDNN_MIN_WEIGHT and _ONEDNN and torch.backends.mkldnn.enabled:
+        if _GEMV_AS_REDUCTION and x.numel() == x.shape[-1]:  # fp32 products and sum, rounded once, as a GEMM does
+            y = (weight.float() * own_buffer(x).float().unsqueeze(-2)).sum(-1)
+            return (y if bias is None else y + bias.float()).to(x.dtype)
+    if x.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT and _ONEDNN and torch.backends.mkldnn.enabled:
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # the op alone: ~17 us less
