@@ -102,7 +102,8 @@ def own_buffer(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` computed by `linear` (oneDNN for fp32 CPU inference on weights of 4 MB or more)."""
+    """`nn.Linear` computed by `linear` (CPU inference: oneDNN for fp32 weights of 4 MB or more, a multiply-reduce for
+    one row in the decode engine's compiled step)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
