@@ -19,30 +19,22 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from glmkit import AutoModelForCausalLM, bundled
+from glmkit.bench import linears_seconds
+
+CPU = torch.device("cpu")
 
 
-def token_linears(family: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) of every linear one decode token runs, in order (the LM head last)."""
-    model = AutoModelForCausalLM.from_pretrained(bundled.path(family)).eval()
-    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
-    return [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in [*linears, model.lm_head]]
-
-
-def linears_time(weights: list[tuple[torch.Tensor, torch.Tensor | None]], gap_s: float, tokens: int) -> float:
-    """Median seconds of one token's linears when each token follows `gap_s` of idle spinning."""
-    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w, _ in weights}
+def linears_time(model: torch.nn.Module, gap_s: float, tokens: int) -> float:
+    """Median seconds of one token's linears (`glmkit.bench.linears_seconds`) when each token follows `gap_s` of
+    idle spinning."""
     times = []
     for _ in range(tokens):
         start = time.perf_counter()
         while time.perf_counter() - start < gap_s:
             pass
-        start = time.perf_counter()
-        for weight, bias in weights:
-            F.linear(inputs[weight.shape[1]], weight, bias)
-        times.append(time.perf_counter() - start)
+        times.append(linears_seconds(model, 1, 1, CPU))
     return statistics.median(times)
 
 
@@ -54,13 +46,14 @@ def main() -> None:
     parser.add_argument("--gaps-ms", type=float, nargs="+", default=[0, 0.2, 0.5, 1, 2, 4])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    weights = token_linears(args.family)
-    megabytes = sum(w.numel() + (0 if b is None else b.numel()) for w, b in weights) * 4 / 1e6
-    print(f"bundled {args.family}: {len(weights)} linears, {megabytes:.1f} MB per token, {args.threads} threads")
-    linears_time(weights, 0, 50)  # warm-up
+    model = AutoModelForCausalLM.from_pretrained(bundled.path(args.family)).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    megabytes = sum(p.numel() for m in linears for p in m.parameters(recurse=False)) * 4 / 1e6
+    print(f"bundled {args.family}: {len(linears)} linears, {megabytes:.1f} MB per token, {args.threads} threads")
+    linears_time(model, 0, 50)  # warm-up
     base = None
     for gap in args.gaps_ms:
-        seconds = linears_time(weights, gap / 1e3, args.tokens)
+        seconds = linears_time(model, gap / 1e3, args.tokens)
         base = base or seconds
         print(f"gap {gap:4.1f} ms before each token: linears {seconds * 1e6:6.0f} us  ({seconds / base:.2f}x no gap)")
 
