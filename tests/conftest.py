@@ -41,6 +41,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
     assert diff <= rtol, f"{what}: max relative difference {diff:.3g} > {rtol}"
 
 
+def ran_ops(fn) -> tuple[object, set[str]]:
+    """fn()'s result and the names of the CPU ops it ran (torch.profiler): which kernels a path really took."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
 @pytest.fixture
 def save_dir(tmp_path: Path) -> Path:
     return tmp_path / "ckpt"

@@ -4,8 +4,7 @@ inductor fuses; everything else on `F.linear`."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_DECODERS, assert_close, reference_and_ours
-from torch.profiler import ProfilerActivity, profile
+from conftest import TINY_DECODERS, assert_close, ran_ops, reference_and_ours
 
 from glmkit import layers
 
@@ -15,12 +14,6 @@ pytestmark = pytest.mark.skipif(not layers._ONEDNN, reason="this torch build has
 def ran_onednn(fn) -> tuple[torch.Tensor, bool]:
     out, ops = ran_ops(fn)
     return out, any("_linear_pointwise" in op for op in ops)
-
-
-def ran_ops(fn) -> tuple[torch.Tensor, set[str]]:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = fn()
-    return out, {e.key for e in prof.key_averages()}
 
 
 def big_linear(bias: bool = True) -> layers.Linear:
